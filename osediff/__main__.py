@@ -1,0 +1,5 @@
+import sys
+
+from osediff.cli import main
+
+sys.exit(main())

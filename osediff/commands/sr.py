@@ -1,0 +1,62 @@
+"""`osediff sr INPUT [INPUT ...] -o OUTDIR --base SD --weights PKL`: super-resolve images (issue contract)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "super-resolve images (files, folders, globs) into OUTDIR"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from osediff.config import add_dataclass_arguments
+    from osediff.pipeline import SROptions
+
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    p.add_argument("--base", help="SD 2.1-base diffusers folder or hub id (env OSEDIFF_BASE)")
+    p.add_argument("--weights", help="osediff.pkl or .safetensors (env OSEDIFF_WEIGHTS)")
+    p.add_argument("--ram", help="ram_swin_large_14m.pth (env OSEDIFF_RAM)")
+    p.add_argument("--dape", help="DAPE.pth (env OSEDIFF_DAPE)")
+    p.add_argument("--no-dape", dest="use_dape", action="store_false", help="no tags: prompt is the user prompt only")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda/mps, fp32 on cpu")
+    p.add_argument("--ext", default="png", help="output format: png (default), jpg, webp, ..., or auto (= input's)")
+    p.add_argument("--suffix", default="", help="appended to output names: <stem>_<suffix>.<ext>")
+    p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists (resume)")
+    p.add_argument("--save-prompts", action="store_true", help="write each prompt to OUTDIR/txt/<name>.txt")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved options and inputs, run nothing")
+    add_dataclass_arguments(p, SROptions, help={
+        "scale": "upscaling factor", "process_size": "inputs with a side below process_size/scale are enlarged first",
+        "color_fix": "colour correction against the upscaled input", "prompt": "user text appended to the tags",
+        "tile": "latent tile size (latent px)", "tile_overlap": "latent tile overlap (latent px)",
+        "tile_batch": "latent/VAE tiles per network call", "vae_encoder_tile": "VAE encoder tile (image px)",
+        "vae_decoder_tile": "VAE decoder tile (latent px)",
+        "sample_latent": "sample the VAE posterior like the reference (default: its mean)",
+        "seed": "seed for --sample-latent"})
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from osediff.batch import collect_inputs, super_resolve_files
+    from osediff.config import dataclass_from_args, to_json
+    from osediff.pipeline import SROptions
+    from osediff.weights import MissingWeightsError
+
+    try:
+        options = dataclass_from_args(SROptions, args)
+    except ValueError as e:
+        raise SystemExit(f"osediff sr: {e}") from None
+    if args.dry_run:
+        print(to_json(options))
+        for p in collect_inputs(args.inputs):
+            print(p)
+        return 0
+    try:
+        return super_resolve_files(args.inputs, args.output, base=args.base, weights=args.weights, dape=args.dape,
+                                   ram=args.ram, use_dape=args.use_dape, device=args.device, dtype=args.dtype,
+                                   options=options, ext=args.ext, suffix=args.suffix,
+                                   skip_existing=args.skip_existing, save_prompts=args.save_prompts)
+    except (MissingWeightsError, FileNotFoundError, ValueError) as e:
+        logging.getLogger("osediff").error("%s", e)
+        return 2

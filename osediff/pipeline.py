@@ -1,0 +1,224 @@
+"""`OSEDiffPipeline`: an image in, its ×s super-resolution out (spec §1.3–§1.10), on CUDA, MPS or CPU.
+
+The recipe, for one image (`_restore` and `_picture` read as these steps):
+ 1. small-input guard: sides below process_size/s are first enlarged (PIL bicubic)       spec §1.3.2
+ 2. ×s bicubic upscale (PIL's kernel, bit-exact for 8-bit images)                         spec §1.3.3
+ 3. reflect-pad to a multiple of 8 (the reference squashes with LANCZOS instead, §8.2)
+ 4. tags from the prompt extractor (DAPE) + user prompt -> CLIP embeddings (cached)       spec §1.4–1.5
+ 5. VAE encode -> one UNet step at t=999 -> x0 -> VAE decode -> clamp                     spec §1.6–1.9
+ 6. crop the padding; 8-bit floor quantisation; colour fix against the upscaled input; 8-bit floor again
+                                                                                           spec §1.10
+ 7. guard undone: back to exactly s·W × s·H (the reference forgets to, §8.1); alpha re-attached.
+Deliberate differences from the reference (README "Fidelity"): posterior mean instead of a sample (use
+`sample_latent=True, seed=N` for the reference's behaviour), padding instead of squashing, guard fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+import torch
+
+from osediff.colorfix import color_fix
+from osediff.imageio import Picture
+from osediff.model import OSEDiffModel
+from osediff.prompts import PromptExtractor, build_prompts
+from osediff.resample import guard_size, pad_to_multiple, resize_bicubic
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class SROptions:
+    """Run-time options of the pipeline; `osediff sr` derives its flags from these fields."""
+
+    scale: int = 4
+    process_size: int = 512
+    color_fix: Literal["adain", "wavelet", "none"] = "adain"
+    prompt: str = ""
+    tile: int = 96
+    tile_overlap: int = 32
+    tile_batch: int = 4
+    vae_encoder_tile: int = 1024
+    vae_decoder_tile: int = 224
+    sample_latent: bool = False
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.scale < 1:
+            raise ValueError(f"scale must be >= 1, got {self.scale}")
+        if self.tile <= self.tile_overlap:
+            raise ValueError(f"--tile ({self.tile}) must be larger than --tile-overlap ({self.tile_overlap})")
+        if min(self.tile, self.vae_encoder_tile, self.vae_decoder_tile, self.tile_batch) < 1:
+            raise ValueError("tile sizes and tile_batch must be positive")
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA/MPS (the reference's default), fp32 on the CPU (exact; bf16 is faster where supported)."""
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """floor(255·x) as uint8: torchvision's ToPILImage truncation that the reference applies (spec §1.10).
+    Computed in x's dtype for fp16/fp32 (so fp16 rounding is reproduced) and in fp32 for bf16, whose 8-bit
+    mantissa cannot hold 255·x."""
+    if x.dtype == torch.bfloat16:
+        x = x.float()
+    return (x * 255).to(torch.uint8)
+
+
+class OSEDiffPipeline:
+    """OSEDiff ×s super-resolution. Public call: `pipe(image, prompt=None)`.
+
+    `image` is a PIL image, a numpy array (H,W[,C]) uint8/uint16/float in [0,1], or a tensor (B,3,H,W) float in
+    [0,1]; the result is the same kind at s× the size (tensors: float in [0,1], not quantised).
+    """
+
+    def __init__(self, model: OSEDiffModel, extractor: PromptExtractor | None = None,
+                 options: SROptions = SROptions()):
+        self.model, self.extractor, self.options = model, extractor, options
+
+    @classmethod
+    def from_pretrained(cls, base: str | None = None, weights: str | None = None, device: str | None = None,
+                        dtype: str | torch.dtype | None = None, *, ram: str | None = None, dape: str | None = None,
+                        use_dape: bool = True, merge: bool = True, options: SROptions = SROptions(),
+                        ) -> OSEDiffPipeline:
+        """Load SD 2.1-base (`base`: folder or hub id) + OSEDiff `weights` (+ RAM/DAPE when found).
+
+        Each location falls back to its environment variable and the models folder (see `osediff.weights`);
+        a missing file raises `MissingWeightsError` saying what to download and where to put it.
+        """
+        from osediff import weights as wts
+
+        dev = torch.device(device) if device else default_device()
+        dt = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(dev))
+        base_path = wts.find("base", base)
+        weights_path = wts.find("weights", weights)
+        model = OSEDiffModel.from_pretrained(base_path, weights_path, device=dev, dtype=dt, merge=merge)
+        extractor = None
+        if use_dape:
+            ram_path = wts.find("ram", ram, required=dape is not None)
+            dape_path = wts.find("dape", dape, required=ram is not None)
+            if ram_path is None or dape_path is None:
+                log.warning("DAPE not used (no RAM/DAPE weights found): prompts carry no tags, so outputs will "
+                            "differ from the published ones.\n%s", wts.missing_message("dape"))
+            else:
+                from osediff.dape import RAMTagger
+
+                extractor = RAMTagger.from_files(ram_path, dape_path, device=dev, dtype=dt)
+        return cls(model, extractor, options)
+
+    def with_options(self, **changes) -> OSEDiffPipeline:
+        return OSEDiffPipeline(self.model, self.extractor, replace(self.options, **changes))
+
+    # --- public call ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, image, prompt: str | None = None):
+        from PIL import Image
+
+        if isinstance(image, torch.Tensor):
+            return self._tensor(image, prompt)[0]
+        if isinstance(image, Image.Image):
+            from osediff.imageio import _pil
+
+            pic = Picture(np.asarray(image.convert("RGB")),
+                          np.asarray(image.getchannel("A")) if "A" in image.getbands() else None)
+            out, _ = self.run_picture(pic, prompt)
+            return _pil(out.rgb, out.alpha)
+        if isinstance(image, np.ndarray):
+            return self._numpy(image, prompt)
+        raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
+
+    # --- entry points by input kind -----------------------------------------------------------------------
+    def _numpy(self, a: np.ndarray, prompt: str | None):
+        if a.dtype in (np.uint8, np.uint16):
+            rgb = a[..., :3] if a.ndim == 3 else a
+            rgb = np.repeat(rgb[..., None], 3, axis=2) if rgb.ndim == 2 else (
+                np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb)
+            alpha = a[..., 3] if a.ndim == 3 and a.shape[2] == 4 else None
+            out, _ = self.run_picture(Picture(np.ascontiguousarray(rgb), alpha), prompt)
+            return out.rgb if out.alpha is None else np.dstack([out.rgb, out.alpha])
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).permute(2, 0, 1)[None]
+        return self._tensor(t, prompt)[0][0].permute(1, 2, 0).numpy()
+
+    def _tensor(self, x: torch.Tensor, prompt: str | None) -> tuple[torch.Tensor, list[str]]:
+        """(B,3,H,W) float [0,1] -> ((B,3,sH,sW) float [0,1] on x's device, prompts); float path throughout."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a (B,3,H,W) tensor, got shape {tuple(x.shape)}")
+        o, s = self.options, self.options.scale
+        h0, w0 = x.shape[-2:]
+        xd = x.to(self.model.device, torch.float32)
+        guard = guard_size(w0, h0, s, o.process_size)
+        if guard:
+            xd = resize_bicubic(xd, (guard[1], guard[0]))
+        x_up = resize_bicubic(xd, (xd.shape[-2] * s, xd.shape[-1] * s)).clamp(0, 1)
+        out, prompts = self._restore(x_up, prompt, quantize=False)
+        if guard:
+            out = resize_bicubic(out, (h0 * s, w0 * s)).clamp(0, 1)
+        return out.to(x.device), prompts
+
+    def run_picture(self, pic: Picture, prompt: str | None = None) -> tuple[Picture, str]:
+        """A decoded file in, its SR out (+ the prompt used). 8-bit images follow the reference bit for bit
+        (PIL resizes, floor quantisation); 16-bit images take the float path and stay 16-bit."""
+        from PIL import Image
+
+        s, o = self.options.scale, self.options
+        w0, h0 = pic.size
+        guard = guard_size(w0, h0, s, o.process_size)
+        if pic.bits == 8:
+            im = Image.fromarray(pic.rgb, "RGB")
+            if guard:
+                im = im.resize(guard, Image.BICUBIC)
+            im = im.resize((im.width * s, im.height * s), Image.BICUBIC)
+            x_up = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float().div(255)
+            out, prompts = self._restore(x_up.to(self.model.device), prompt, quantize=True)
+            rgb = out[0].permute(1, 2, 0).cpu().numpy()
+            if guard:
+                rgb = np.asarray(Image.fromarray(rgb, "RGB").resize((w0 * s, h0 * s), Image.BICUBIC))
+            alpha = None
+            if pic.alpha is not None:
+                alpha = np.asarray(Image.fromarray(pic.alpha, "L").resize((w0 * s, h0 * s), Image.BICUBIC))
+            return Picture(rgb, alpha), prompts[0]
+        x = torch.from_numpy(pic.rgb.astype(np.float32) / 65535).permute(2, 0, 1)[None]
+        out, prompts = self._tensor(x, prompt)
+        rgb = (out[0].permute(1, 2, 0).cpu().numpy() * 65535).round().astype(np.uint16)
+        alpha = None
+        if pic.alpha is not None:
+            a = torch.from_numpy(pic.alpha.astype(np.float32) / 65535)[None, None]
+            alpha = (resize_bicubic(a, (h0 * s, w0 * s)).clamp(0, 1)[0, 0].numpy() * 65535).round().astype(np.uint16)
+        return Picture(rgb, alpha), prompts[0]
+
+    # --- the model part -----------------------------------------------------------------------------------
+    def _restore(self, x_up: torch.Tensor, prompt: str | None, quantize: bool) -> tuple[torch.Tensor, list[str]]:
+        """Steps 3–6: upscaled (B,3,H,W) [0,1] -> SR (B,3,H,W) and the prompts used. The SR image is float32
+        in [0,1], or with `quantize` uint8 after the reference's floor / colour fix / floor (spec §1.10)."""
+        o, m = self.options, self.model
+        x, (h, w) = pad_to_multiple(x_up, 8)
+        prompts = build_prompts(x_up, self.extractor, o.prompt if prompt is None else prompt)
+        generator = None
+        if o.sample_latent:
+            generator = torch.Generator(device=m.device)
+            generator.manual_seed(o.seed if o.seed is not None else torch.seed())
+        y = m(x * 2 - 1, m.encode_text(prompts), sample=o.sample_latent, generator=generator, tile=o.tile,
+              tile_overlap=o.tile_overlap, tile_batch=o.tile_batch, vae_encoder_tile=o.vae_encoder_tile,
+              vae_decoder_tile=o.vae_decoder_tile)
+        y01 = y[..., :h, :w] * 0.5 + 0.5
+        if not quantize:
+            return color_fix(y01.float(), x_up, o.color_fix), prompts
+        q = to_uint8(y01)
+        if o.color_fix == "none":
+            return q, prompts
+        return to_uint8(color_fix(q.float() / 255, x_up, o.color_fix)), prompts

@@ -1,0 +1,71 @@
+"""Image resampling that reproduces Pillow exactly, on any torch device, and reflect padding to a multiple.
+
+The reference upscales with PIL's BICUBIC (Keys a = −0.5, antialiased when downscaling). torch's bicubic uses
+a = −0.75 and a different border rule, so we rebuild PIL's separable weight matrices (same support, same
+per-pixel normalisation at the borders) and apply them as two matmuls. For 8-bit PIL images the pipeline calls
+PIL itself (bit-exact, including its 8-bit rounding); this module serves float tensors of any bit depth.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+
+def _bicubic(x: float, a: float = -0.5) -> float:
+    x = abs(x)
+    if x < 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+@lru_cache(maxsize=64)
+def pil_bicubic_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """(out_size, in_size) float64 matrix M with out = M @ in, equal to PIL's BICUBIC resample along one axis."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)  # >1 widens the kernel when downscaling (antialias)
+    support = 2.0 * filterscale
+    m = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        w = [_bicubic((j - center + 0.5) / filterscale) for j in range(lo, hi)]
+        total = sum(w)
+        for j, wj in zip(range(lo, hi), w):
+            m[i, j] = wj / total if total else 0.0
+    return m
+
+
+def resize_bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """PIL-BICUBIC resize of (B, C, H, W) float to (B, C, *size) with size = (height, width); no clamping."""
+    h, w = x.shape[-2:]
+    my = pil_bicubic_matrix(h, size[0]).to(device=x.device, dtype=torch.float32)
+    mx = pil_bicubic_matrix(w, size[1]).to(device=x.device, dtype=torch.float32)
+    return (my @ x.float() @ mx.T).to(x.dtype)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad (B, C, H, W) at the bottom/right so H and W are multiples of `multiple`; returns the padded
+    tensor and the original (H, W) for cropping back. Replicate padding covers sides too short to reflect."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+def guard_size(w: int, h: int, scale: int, process_size: int) -> tuple[int, int] | None:
+    """The reference's small-input guard (spec §1.3 step 2): the pre-upscale size when a side is below
+    process_size // scale, else None."""
+    floor = process_size // scale
+    if w >= floor and h >= floor:
+        return None
+    s = floor / min(w, h)
+    return max(1, int(s * w)), max(1, int(s * h))
+

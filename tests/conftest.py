@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny random SD-2.1-base-like folder and an authors'-format osediff.pkl, built once per
+session in a temporary folder (no network, a few seconds)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    from osediff.testing import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("sd21-tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_sd, tmp_path_factory) -> Path:
+    from osediff.testing import make_authors_checkpoint
+
+    return make_authors_checkpoint(tiny_sd, tmp_path_factory.mktemp("ckpt") / "osediff.pkl")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_sd, tiny_ckpt):
+    from osediff.pipeline import OSEDiffPipeline
+
+    return OSEDiffPipeline.from_pretrained(str(tiny_sd), str(tiny_ckpt), device="cpu", dtype="fp32", use_dape=False)
