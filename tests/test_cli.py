@@ -138,3 +138,17 @@ def test_dape_prompts_end_to_end(tmp_path, args, monkeypatch):
 def test_convert_command(tmp_path, tiny_ckpt, capsys):
     assert main(["convert", str(tiny_ckpt), str(tmp_path / "o.safetensors")]) == 0
     assert "UNet" in capsys.readouterr().out and (tmp_path / "o.safetensors").stat().st_size > 0
+
+
+def test_processes_share_the_inputs_without_overlap(tmp_path, monkeypatch):
+    from osediff.batch import collect_inputs, shard
+
+    for i in range(5):
+        Image.fromarray(_rgb(8, 8, i)).save(tmp_path / f"{i}.png")
+    paths = collect_inputs([str(tmp_path)])
+    parts = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        parts.append(shard(paths))
+    assert sorted(parts[0] + parts[1]) == sorted(paths) and not set(parts[0]) & set(parts[1])
