@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from osediff.atomic import atomic_path
 
 FORMAT = "osediff"
 FORMAT_VERSION = "1"
@@ -47,20 +48,6 @@ class OSEDiffWeights:
         d.update(rank_unet=self.rank_unet, rank_vae=self.rank_vae, state_dict_unet=dict(self.unet_state),
                  state_dict_vae=dict(self.vae_state))
         return d
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def from_authors_dict(d: dict[str, Any], source: str = "<dict>") -> OSEDiffWeights:
@@ -127,13 +114,15 @@ def save_safetensors(w: OSEDiffWeights, path: str | os.PathLike, extra: dict[str
     tensors = {f"unet.{k}": v.contiguous() for k, v in w.unet_state.items()}
     tensors.update({f"vae.{k}": v.contiguous() for k, v in w.vae_state.items()})
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "osediff": json.dumps(header)}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
 
 
 def save_authors_pkl(w: OSEDiffWeights, path: str | os.PathLike) -> None:
     """Write the authors' format (spec §3.1), readable by their `load_ckpt` and by `load_weights`."""
     d = w.to_authors_dict()
-    _atomic_write(Path(path), lambda tmp: torch.save(d, tmp))
+    with atomic_path(path) as tmp:
+        torch.save(d, tmp)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike) -> OSEDiffWeights:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from osediff.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,6 @@ def write_image(path: str | os.PathLike, pic: Picture, quality: int = 95) -> Non
     """Write atomically (temporary file in the same folder, then rename). 16-bit is kept for PNG and reduced
     to 8-bit (with a warning) for formats that cannot hold it; alpha is dropped for JPEG (warning)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ext = path.suffix.lower()
     rgb, alpha = pic.rgb, pic.alpha
     if pic.bits == 16 and ext != ".png":
@@ -106,9 +106,7 @@ def write_image(path: str | os.PathLike, pic: Picture, quality: int = 95) -> Non
     if alpha is not None and ext in (".jpg", ".jpeg"):
         log.warning("%s: JPEG has no alpha channel; dropping it", path.name)
         alpha = None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".part{ext}")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if rgb.dtype == np.uint16:
             import png
 
@@ -120,8 +118,3 @@ def write_image(path: str | os.PathLike, pic: Picture, quality: int = 95) -> Non
         else:
             kw = {"quality": quality} if ext in (".jpg", ".jpeg", ".webp") else {}
             _pil(rgb, alpha).save(tmp, **kw)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -112,7 +112,7 @@ class OSEDiffModel(nn.Module):
         return out
 
     def encode(self, x: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
-               tile: int = 1024, tile_batch: int = 1) -> torch.Tensor:
+               tile: int = 1024, tile_batch: int = 1, offload: str | None = None) -> torch.Tensor:
         """x (B,3,H,W) in [-1,1], H and W multiples of 8 -> scaled latent (B,4,H/8,W/8) in the model dtype."""
         x = x.to(self.dtype)
         if max(x.shape[-2:]) <= tile + 2 * _ENC_PAD:
@@ -120,7 +120,7 @@ class OSEDiffModel(nn.Module):
         else:
             from osediff.tiled_vae import encode_moments
 
-            moments = encode_moments(self.vae, x, tile=tile, tile_batch=tile_batch)
+            moments = encode_moments(self.vae, x, tile=tile, tile_batch=tile_batch, offload=offload)
         mean, logvar = moments.to(self.dtype).chunk(2, dim=1)
         z = mean
         if sample:  # the reference's `latent_dist.sample()` (spec §1.6)
@@ -142,7 +142,8 @@ class OSEDiffModel(nn.Module):
         eps = tiled_apply(eps_fn, z, tile, overlap, tile_batch)
         return schedule.x0_from_eps(z, eps, self.alpha_bar)
 
-    def decode(self, z0: torch.Tensor, *, tile: int = 224, tile_batch: int = 1) -> torch.Tensor:
+    def decode(self, z0: torch.Tensor, *, tile: int = 224, tile_batch: int = 1,
+               offload: str | None = None) -> torch.Tensor:
         """Scaled clean latent (B,4,h,w) -> image (B,3,8h,8w) in [-1,1] (clamped), spec §1.9."""
         z = z0.to(self.dtype) / schedule.VAE_SCALING
         if max(z.shape[-2:]) <= tile + 2 * _DEC_PAD:
@@ -150,16 +151,21 @@ class OSEDiffModel(nn.Module):
         else:
             from osediff.tiled_vae import decode_latents
 
-            y = decode_latents(self.vae, z, tile=tile, tile_batch=tile_batch)
+            y = decode_latents(self.vae, z, tile=tile, tile_batch=tile_batch, offload=offload)
         return y.clamp(-1, 1)
 
     def forward(self, x: torch.Tensor, prompt_embeds: torch.Tensor, *, sample: bool = False,
                 generator: torch.Generator | None = None, tile: int = 96, tile_overlap: int = 32,
-                tile_batch: int = 1, vae_encoder_tile: int = 1024, vae_decoder_tile: int = 224) -> torch.Tensor:
-        """x (B,3,H,W) in [-1,1] (H, W multiples of 8), prompt_embeds (B,77,D) -> SR image (B,3,H,W) in [-1,1]."""
-        z = self.encode(x, sample=sample, generator=generator, tile=vae_encoder_tile, tile_batch=tile_batch)
+                tile_batch: int = 1, vae_encoder_tile: int = 1024, vae_decoder_tile: int = 224,
+                vae_offload: str | None = None) -> torch.Tensor:
+        """x (B,3,H,W) in [-1,1] (H, W multiples of 8), prompt_embeds (B,77,D) -> SR image (B,3,H,W) in [-1,1].
+
+        `vae_offload="cpu"` parks the tiled VAE's per-tile state in host memory between layers (large images on
+        small GPUs; slower)."""
+        z = self.encode(x, sample=sample, generator=generator, tile=vae_encoder_tile, tile_batch=tile_batch,
+                        offload=vae_offload)
         z0 = self.denoise(z, prompt_embeds.to(self.dtype), tile=tile, overlap=tile_overlap, tile_batch=tile_batch)
-        return self.decode(z0, tile=vae_decoder_tile, tile_batch=tile_batch)
+        return self.decode(z0, tile=vae_decoder_tile, tile_batch=tile_batch, offload=vae_offload)
 
 
 def apply_weights(unet: nn.Module, vae: nn.Module, w: OSEDiffWeights, *, merge: bool = True) -> None:

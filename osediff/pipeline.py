@@ -46,6 +46,7 @@ class SROptions:
     tile_batch: int = 4
     vae_encoder_tile: int = 1024
     vae_decoder_tile: int = 224
+    vae_offload: bool = False
     sample_latent: bool = False
     seed: int | None = None
 
@@ -214,7 +215,7 @@ class OSEDiffPipeline:
             generator.manual_seed(o.seed if o.seed is not None else torch.seed())
         y = m(x * 2 - 1, m.encode_text(prompts), sample=o.sample_latent, generator=generator, tile=o.tile,
               tile_overlap=o.tile_overlap, tile_batch=o.tile_batch, vae_encoder_tile=o.vae_encoder_tile,
-              vae_decoder_tile=o.vae_decoder_tile)
+              vae_decoder_tile=o.vae_decoder_tile, vae_offload="cpu" if o.vae_offload else None)
         y01 = y[..., :h, :w] * 0.5 + 0.5
         if not quantize:
             return color_fix(y01.float(), x_up, o.color_fix), prompts

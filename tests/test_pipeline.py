@@ -93,7 +93,7 @@ def test_output_is_exactly_scale_times_input(tiny_pipe, w, h, scale):
 
 def test_tensor_path_shapes_range_and_agreement_with_8bit_path(tiny_pipe):
     img = _rand_image(32, 40, seed=5)
-    x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
     y = tiny_pipe(torch.cat([x, x]))
     assert y.shape == (2, 3, 160, 128) and y.dtype == torch.float32
     assert 0 <= y.min() and y.max() <= 1 and torch.equal(y[0], y[1])
@@ -164,3 +164,11 @@ def test_invalid_options_are_refused():
         SROptions(tile=32, tile_overlap=32)
     with pytest.raises(ValueError, match="scale"):
         SROptions(scale=0)
+
+
+def test_tiled_vae_path_equals_untiled_through_the_pipeline(tiny_pipe):
+    x = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    untiled = tiny_pipe(x)
+    tiled = tiny_pipe.with_options(vae_encoder_tile=64, vae_decoder_tile=8, tile_batch=2)(x)
+    offloaded = tiny_pipe.with_options(vae_encoder_tile=64, vae_decoder_tile=8, vae_offload=True)(x)
+    assert (tiled - untiled).abs().max() < 1e-4 and (offloaded - untiled).abs().max() < 1e-4

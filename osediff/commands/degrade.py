@@ -49,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
+    from osediff.atomic import write_bytes
     from osediff.degradation import DegradationConfig, degrade
     from osediff.face_degradation import FaceDegradationConfig, degrade_face
+    from osediff.imageio import Picture, write_image
 
     log = logging.getLogger("osediff.degrade")
     hq_dir, lq_dir = Path(args.hq_dir), Path(args.lq_dir)
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     lq_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(lq_dir / "degradation.json", json.dumps(resolved, indent=2, sort_keys=True).encode())
+    write_bytes(lq_dir / "degradation.json", json.dumps(resolved, indent=2, sort_keys=True).encode())
     device = torch.device(args.device)
     failed: list[str] = []
     seen: dict[str, str] = {}
@@ -105,33 +107,10 @@ def run(args: argparse.Namespace) -> int:
             failed.append(path.name)
             continue
         out = (lq[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        _write_atomic(lq_dir / out_name, _png_bytes(out))
+        write_image(lq_dir / out_name, Picture(out))
 
     log.info("wrote %d LQ images to %s", len(inputs) - len(failed), lq_dir)
     if failed:
         log.error("%d of %d inputs failed: %s", len(failed), len(inputs), ", ".join(failed))
         return 1
     return 0
-
-
-def _png_bytes(arr) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write_atomic(path, data: bytes) -> None:
-    """Write `data` to a hidden temporary file next to `path`, then rename it into place (atomic on POSIX)."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "tile": "latent tile size (latent px)", "tile_overlap": "latent tile overlap (latent px)",
         "tile_batch": "latent/VAE tiles per network call", "vae_encoder_tile": "VAE encoder tile (image px)",
         "vae_decoder_tile": "VAE decoder tile (latent px)",
+        "vae_offload": "keep tiled-VAE state in host memory (least GPU memory for huge images; slower)",
         "sample_latent": "sample the VAE posterior like the reference (default: its mean)",
         "seed": "seed for --sample-latent"})
 
