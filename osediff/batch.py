@@ -129,7 +129,8 @@ def super_resolve_files(inputs: list[str], output_dir: str, *, base: str | None,
                         device: str | None = None, dtype: str | None = None, options=None, ext: str = "png",
                         suffix: str = "", skip_existing: bool = False, save_prompts: bool = False) -> int:
     """Load the pipeline and super-resolve `inputs` into `output_dir`; returns the exit status (0 = all done)."""
-    from osediff.pipeline import OSEDiffPipeline, SROptions
+    from osediff.options import SROptions
+    from osediff.pipeline import OSEDiffPipeline
 
     paths = collect_inputs(inputs)
     if device is None and int(os.environ.get("WORLD_SIZE", 1)) > 1 and "LOCAL_RANK" in os.environ:

@@ -59,6 +59,31 @@ def _read_png16(path: Path) -> Picture:
     return Picture(np.ascontiguousarray(rgb), alpha)
 
 
+def from_pil(im) -> Picture:
+    """A decoded PIL image of any mode as a Picture: 16-bit grayscale stays 16-bit, alpha is split off,
+    everything else (L, P, CMYK, YCbCr, 1, ...) becomes 8-bit RGB."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        g = np.clip(np.asarray(im, dtype=np.int64), 0, 65535).astype(np.uint16)
+        return Picture(np.repeat(g[..., None], 3, axis=2))
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        rgba = np.asarray(im.convert("RGBA"))
+        return Picture(np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(rgba[..., 3]))
+    return Picture(np.asarray(im.convert("RGB")))
+
+
+def to_pil(pic: Picture):
+    """The Picture as a PIL image (RGB or RGBA; 16-bit pictures are reduced to 8-bit, which PIL can hold)."""
+    from PIL import Image
+
+    rgb, alpha = pic.rgb, pic.alpha
+    if pic.bits == 16:
+        rgb = (rgb >> 8).astype(np.uint8)
+        alpha = None if alpha is None else (alpha >> 8).astype(np.uint8)
+    if alpha is None:
+        return Image.fromarray(rgb, "RGB")
+    return Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+
+
 def read_image(path: str | os.PathLike) -> Picture:
     """Read any Pillow-readable image (plus 16-bit PNG) as a Picture; raises ImageReadError naming the file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -69,28 +94,11 @@ def read_image(path: str | os.PathLike) -> Picture:
             return _read_png16(path)
         with Image.open(path) as im:
             im.load()  # decode now, so a truncated file fails here with its name
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                g = np.clip(np.asarray(im, dtype=np.int64), 0, 65535).astype(np.uint16)
-                return Picture(np.repeat(g[..., None], 3, axis=2))
-            has_alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-                im.mode == "P" and "transparency" in im.info)
-            if has_alpha:
-                rgba = np.asarray(im.convert("RGBA"))
-                return Picture(np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(rgba[..., 3]))
-            return Picture(np.asarray(im.convert("RGB")))
+            return from_pil(ImageOps.exif_transpose(im))
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(f"cannot read image {path}: {e}") from e
-
-
-def _pil(rgb: np.ndarray, alpha: np.ndarray | None):
-    from PIL import Image
-
-    if alpha is None:
-        return Image.fromarray(rgb, "RGB")
-    return Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
 
 
 def write_image(path: str | os.PathLike, pic: Picture, quality: int = 95) -> None:
@@ -98,23 +106,21 @@ def write_image(path: str | os.PathLike, pic: Picture, quality: int = 95) -> Non
     to 8-bit (with a warning) for formats that cannot hold it; alpha is dropped for JPEG (warning)."""
     path = Path(path)
     ext = path.suffix.lower()
-    rgb, alpha = pic.rgb, pic.alpha
     if pic.bits == 16 and ext != ".png":
         log.warning("%s: %s cannot store 16-bit RGB here; writing 8-bit", path.name, ext)
-        rgb = (rgb >> 8).astype(np.uint8)
-        alpha = None if alpha is None else (alpha >> 8).astype(np.uint8)
-    if alpha is not None and ext in (".jpg", ".jpeg"):
+        pic = Picture((pic.rgb >> 8).astype(np.uint8), None if pic.alpha is None else (pic.alpha >> 8).astype(np.uint8))
+    if pic.alpha is not None and ext in (".jpg", ".jpeg"):
         log.warning("%s: JPEG has no alpha channel; dropping it", path.name)
-        alpha = None
+        pic = Picture(pic.rgb)
     with atomic_path(path) as tmp:
-        if rgb.dtype == np.uint16:
+        if pic.bits == 16:
             import png
 
-            planes = rgb if alpha is None else np.dstack([rgb, alpha])
+            planes = pic.rgb if pic.alpha is None else np.dstack([pic.rgb, pic.alpha])
             h, w, c = planes.shape
-            writer = png.Writer(w, h, greyscale=False, alpha=alpha is not None, bitdepth=16)
+            writer = png.Writer(w, h, greyscale=False, alpha=pic.alpha is not None, bitdepth=16)
             with open(tmp, "wb") as f:
                 writer.write(f, planes.reshape(h, w * c))
         else:
             kw = {"quality": quality} if ext in (".jpg", ".jpeg", ".webp") else {}
-            _pil(rgb, alpha).save(tmp, **kw)
+            to_pil(pic).save(tmp, **kw)

@@ -16,8 +16,7 @@ Deliberate differences from the reference (README "Fidelity"): posterior mean in
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -25,38 +24,13 @@ import torch
 from osediff.colorfix import color_fix
 from osediff.imageio import Picture
 from osediff.model import OSEDiffModel
+from osediff.options import SROptions
 from osediff.prompts import PromptExtractor, build_prompts
 from osediff.resample import guard_size, pad_to_multiple, resize_bicubic
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class SROptions:
-    """Run-time options of the pipeline; `osediff sr` derives its flags from these fields."""
-
-    scale: int = 4
-    process_size: int = 512
-    color_fix: Literal["adain", "wavelet", "none"] = "adain"
-    prompt: str = ""
-    tile: int = 96
-    tile_overlap: int = 32
-    tile_batch: int = 4
-    vae_encoder_tile: int = 1024
-    vae_decoder_tile: int = 224
-    vae_offload: bool = False
-    sample_latent: bool = False
-    seed: int | None = None
-
-    def __post_init__(self):
-        if self.scale < 1:
-            raise ValueError(f"scale must be >= 1, got {self.scale}")
-        if self.tile <= self.tile_overlap:
-            raise ValueError(f"--tile ({self.tile}) must be larger than --tile-overlap ({self.tile_overlap})")
-        if min(self.tile, self.vae_encoder_tile, self.vae_decoder_tile, self.tile_batch) < 1:
-            raise ValueError("tile sizes and tile_batch must be positive")
 
 
 def default_device() -> torch.device:
@@ -133,12 +107,10 @@ class OSEDiffPipeline:
         if isinstance(image, torch.Tensor):
             return self._tensor(image, prompt)[0]
         if isinstance(image, Image.Image):
-            from osediff.imageio import _pil
+            from osediff.imageio import from_pil, to_pil
 
-            pic = Picture(np.asarray(image.convert("RGB")),
-                          np.asarray(image.getchannel("A")) if "A" in image.getbands() else None)
-            out, _ = self.run_picture(pic, prompt)
-            return _pil(out.rgb, out.alpha)
+            out, _ = self.run_picture(from_pil(image), prompt)
+            return to_pil(out)
         if isinstance(image, np.ndarray):
             return self._numpy(image, prompt)
         raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")

@@ -152,3 +152,13 @@ def test_processes_share_the_inputs_without_overlap(tmp_path, monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "2")
         parts.append(shard(paths))
     assert sorted(parts[0] + parts[1]) == sorted(paths) and not set(parts[0]) & set(parts[1])
+
+
+def test_import_and_cli_parser_stay_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, osediff; from osediff.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -9,7 +9,7 @@ HELP = "super-resolve images (files, folders, globs) into OUTDIR"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from osediff.config import add_dataclass_arguments
-    from osediff.pipeline import SROptions
+    from osediff.options import SROptions
 
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     from osediff.batch import collect_inputs, super_resolve_files
     from osediff.config import dataclass_from_args, to_json
-    from osediff.pipeline import SROptions
+    from osediff.options import SROptions
     from osediff.weights import MissingWeightsError
 
     try:

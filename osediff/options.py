@@ -1,0 +1,32 @@
+"""Run-time options of the SR pipeline, kept free of torch so `osediff sr --help` starts instantly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class SROptions:
+    """Run-time options of the pipeline; `osediff sr` derives its flags from these fields."""
+
+    scale: int = 4
+    process_size: int = 512
+    color_fix: Literal["adain", "wavelet", "none"] = "adain"
+    prompt: str = ""
+    tile: int = 96
+    tile_overlap: int = 32
+    tile_batch: int = 4
+    vae_encoder_tile: int = 1024
+    vae_decoder_tile: int = 224
+    vae_offload: bool = False
+    sample_latent: bool = False
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.scale < 1:
+            raise ValueError(f"scale must be >= 1, got {self.scale}")
+        if self.tile <= self.tile_overlap:
+            raise ValueError(f"--tile ({self.tile}) must be larger than --tile-overlap ({self.tile_overlap})")
+        if min(self.tile, self.vae_encoder_tile, self.vae_decoder_tile, self.tile_batch) < 1:
+            raise ValueError("tile sizes and tile_batch must be positive")
