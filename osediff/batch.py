@@ -81,53 +81,97 @@ def plan(paths: list[Path], output_dir: Path, ext: str, suffix: str) -> list[tup
 
 
 def run_batch(pipe, paths: list[Path], output_dir: str | os.PathLike, *, ext: str = "png", suffix: str = "",
-              skip_existing: bool = False, save_prompts: bool = False, progress: bool = True) -> BatchResult:
-    """Run `pipe.run_picture` over files; see the module docstring for the guarantees."""
+              skip_existing: bool = False, save_prompts: bool = False, batch_size: int = 1,
+              progress: bool = True) -> BatchResult:
+    """Super-resolve files with `pipe`; see the module docstring for the guarantees.
+
+    With `batch_size` > 1, up to that many consecutive images of the same size and bit depth go through the
+    networks together; a batch that fails is retried one image at a time, so one bad image loses only itself.
+    """
     from tqdm import tqdm
 
-    from osediff.imageio import ImageReadError, read_image, write_image
+    from osediff.imageio import ImageReadError, read_image
 
     output_dir = Path(output_dir)
     result = BatchResult()
     pairs = plan(shard(paths), output_dir, ext, suffix)
-    bar = tqdm(pairs, unit="img", disable=not progress, dynamic_ncols=True)
-    for src, dst in bar:
+    todo = []
+    for src, dst in pairs:
         if skip_existing and dst.exists():
             result.skipped.append(src)
-            continue
-        bar.set_postfix_str(src.name)
-        t0 = time.perf_counter()
-        try:
-            pic = read_image(src)
-            out, prompt = pipe.run_picture(pic)
-            write_image(dst, out)
-            if save_prompts:
-                txt = output_dir / "txt" / f"{src.name.split('.')[0]}.txt"
-                txt.parent.mkdir(parents=True, exist_ok=True)
-                txt.write_text(prompt)
-        except (ImageReadError, FileNotFoundError) as e:
-            log.error("%s", e)
-            result.failed.append((src, str(e)))
-            continue
-        except Exception as e:  # one bad image must not end a long run; the error is reported at the end
-            if "out of memory" in str(e).lower():
-                log.error("%s: out of memory; try smaller --tile / --vae-decoder-tile or --dtype fp16", src)
-            else:
-                log.exception("%s failed", src)
-            result.failed.append((src, f"{type(e).__name__}: {e}"))
-            continue
-        result.done.append(src)
-        bar.set_postfix_str(f"{src.name} {time.perf_counter() - t0:.2f}s/img")
+        else:
+            todo.append((src, dst))
+    bs = max(1, batch_size)
+    bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True)
+    for i in range(0, len(todo), bs):
+        groups: dict[tuple, list] = {}
+        for src, dst in todo[i:i + bs]:
+            try:
+                pic = read_image(src)
+            except (ImageReadError, FileNotFoundError) as e:
+                log.error("%s", e)
+                result.failed.append((src, str(e)))
+                bar.update(1)
+                continue
+            groups.setdefault((pic.size, pic.bits), []).append((src, dst, pic))
+        for group in groups.values():
+            bar.set_postfix_str(group[0][0].name)
+            t0 = time.perf_counter()
+            try:
+                _run_group(pipe, group, output_dir, save_prompts)
+            except Exception as e:  # isolate the failing image, keep the run going
+                if len(group) > 1:
+                    log.warning("a batch of %d failed (%s); retrying one by one", len(group), e)
+                    for item in group:
+                        _run_one_safely(pipe, item, output_dir, save_prompts, result)
+                        bar.update(1)
+                    continue
+                _report_failure(group[0][0], e, result)
+                bar.update(1)
+                continue
+            result.done += [src for src, _, _ in group]
+            bar.update(len(group))
+            bar.set_postfix_str(f"{group[-1][0].name} {(time.perf_counter() - t0) / len(group):.2f}s/img")
+    bar.close()
     if result.failed:
         log.error("%d of %d images failed: %s", len(result.failed), len(pairs),
                   ", ".join(str(p) for p, _ in result.failed[:10]))
     return result
 
 
+def _run_group(pipe, group: list, output_dir: Path, save_prompts: bool) -> None:
+    from osediff.imageio import write_image
+
+    outs = pipe.run_pictures([pic for _, _, pic in group])
+    for (src, dst, _), (out, prompt) in zip(group, outs):
+        write_image(dst, out)
+        if save_prompts:  # the reference's name: text before the first dot
+            txt = output_dir / "txt" / f"{src.name.split('.')[0]}.txt"
+            txt.parent.mkdir(parents=True, exist_ok=True)
+            txt.write_text(prompt)
+
+
+def _run_one_safely(pipe, item, output_dir: Path, save_prompts: bool, result: BatchResult) -> None:
+    try:
+        _run_group(pipe, [item], output_dir, save_prompts)
+        result.done.append(item[0])
+    except Exception as e:  # reported at the end; the run goes on
+        _report_failure(item[0], e, result)
+
+
+def _report_failure(src: Path, e: Exception, result: BatchResult) -> None:
+    if "out of memory" in str(e).lower():
+        log.error("%s: out of memory; try a smaller --tile / --vae-decoder-tile, --vae-offload or --dtype fp16", src)
+    else:
+        log.error("%s failed: %s: %s", src, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+    result.failed.append((src, f"{type(e).__name__}: {e}"))
+
+
 def super_resolve_files(inputs: list[str], output_dir: str, *, base: str | None, weights: str | None,
                         dape: str | None = None, ram: str | None = None, use_dape: bool = True,
                         device: str | None = None, dtype: str | None = None, options=None, ext: str = "png",
-                        suffix: str = "", skip_existing: bool = False, save_prompts: bool = False) -> int:
+                        suffix: str = "", skip_existing: bool = False, save_prompts: bool = False,
+                        batch_size: int = 1) -> int:
     """Load the pipeline and super-resolve `inputs` into `output_dir`; returns the exit status (0 = all done)."""
     from osediff.options import SROptions
     from osediff.pipeline import OSEDiffPipeline
@@ -141,7 +185,7 @@ def super_resolve_files(inputs: list[str], output_dir: str, *, base: str | None,
     pipe = OSEDiffPipeline.from_pretrained(base, weights, device=device, dtype=dtype, ram=ram, dape=dape,
                                            use_dape=use_dape, options=options or SROptions())
     res = run_batch(pipe, paths, output_dir, ext=ext, suffix=suffix, skip_existing=skip_existing,
-                    save_prompts=save_prompts)
+                    save_prompts=save_prompts, batch_size=batch_size)
     log.info("%d written, %d skipped (existing), %d failed -> %s", len(res.done), len(res.skipped),
              len(res.failed), output_dir)
     return res.exit_code

@@ -162,3 +162,31 @@ def test_import_and_cli_parser_stay_light():
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_batches_give_the_same_images_and_isolate_failures(tmp_path, args, monkeypatch):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(_rgb(16, 12, i)).save(src / f"s{i}.png")
+    Image.fromarray(_rgb(20, 12, 9)).save(src / "t.png")  # another size: its own group
+    assert main(["sr", str(src), "-o", str(tmp_path / "one"), *args]) == 0
+    assert main(["sr", str(src), "-o", str(tmp_path / "four"), *args, "--batch-size", "4"]) == 0
+    for name in ["s0.png", "s1.png", "s2.png", "t.png"]:
+        a = np.asarray(Image.open(tmp_path / "one" / name)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "four" / name)).astype(int)
+        assert np.abs(a - b).max() <= 2 and (a != b).mean() < 0.01, name
+
+    from osediff.pipeline import OSEDiffPipeline
+
+    original = OSEDiffPipeline.run_pictures
+
+    def flaky(self, pics, prompt=None):  # the second image of the folder breaks the networks
+        if any(p.rgb[0, 0, 0] == _rgb(16, 12, 1)[0, 0, 0] and p.size == (16, 12) for p in pics):
+            raise RuntimeError("boom")
+        return original(self, pics, prompt)
+
+    monkeypatch.setattr(OSEDiffPipeline, "run_pictures", flaky)
+    out = tmp_path / "flaky"
+    assert main(["sr", str(src), "-o", str(out), *args, "--batch-size", "4"]) == 1
+    assert sorted(p.name for p in out.glob("*.png")) == ["s0.png", "s2.png", "t.png"]

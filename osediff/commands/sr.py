@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suffix", default="", help="appended to output names: <stem>_<suffix>.<ext>")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists (resume)")
     p.add_argument("--save-prompts", action="store_true", help="write each prompt to OUTDIR/txt/<name>.txt")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images of one size run through the networks together (GPU throughput)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved options and inputs, run nothing")
     add_dataclass_arguments(p, SROptions, help={
         "scale": "upscaling factor", "process_size": "inputs with a side below process_size/scale are enlarged first",
@@ -57,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         return super_resolve_files(args.inputs, args.output, base=args.base, weights=args.weights, dape=args.dape,
                                    ram=args.ram, use_dape=args.use_dape, device=args.device, dtype=args.dtype,
                                    options=options, ext=args.ext, suffix=args.suffix,
-                                   skip_existing=args.skip_existing, save_prompts=args.save_prompts)
+                                   skip_existing=args.skip_existing, save_prompts=args.save_prompts,
+                                   batch_size=args.batch_size)
     except (MissingWeightsError, FileNotFoundError, ValueError) as e:
         logging.getLogger("osediff").error("%s", e)
         return 2
