@@ -48,8 +48,8 @@ def wavelet(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def color_fix(x: torch.Tensor, ref: torch.Tensor, method: str) -> torch.Tensor:
-    """Dispatch on `method` in {"adain", "wavelet", "none"}; computed in float32 (the reference: fp32 CPU)."""
-    if method == "none":
+    """Dispatch on `method` in {"adain", "wavelet", "none"/"nofix"}; computed in float32 like the reference."""
+    if method in ("none", "nofix"):
         return x
     if method == "adain":
         return adain(x.float(), ref.float())

@@ -37,7 +37,10 @@ def load_base(base: str, device: torch.device | str = "cpu", dtype: torch.dtype 
 
     try:
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype)
+        # eager attention: the reference's transformers 4.28 computed CLIP attention explicitly, and SDPA (the
+        # default of transformers >= 4.36) rounds differently in fp16
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype,
+                                                     attn_implementation="eager")
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype)
     except OSError as e:
@@ -54,7 +57,8 @@ class OSEDiffModel(nn.Module):
         super().__init__()
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer = tokenizer
-        self.register_buffer("alpha_bar", schedule.alphas_cumprod()[schedule.TIMESTEP], persistent=False)
+        # a plain float, so `.to(fp16)` cannot round it: the reference keeps ᾱ in fp32 (spec §1.8, §1.11)
+        self.alpha_bar = schedule.alphas_cumprod()[schedule.TIMESTEP].item()
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self.requires_grad_(False)

@@ -12,11 +12,11 @@ class SROptions:
 
     scale: int = 4
     process_size: int = 512
-    color_fix: Literal["adain", "wavelet", "none"] = "adain"
+    color_fix: Literal["adain", "wavelet", "none", "nofix"] = "adain"  # "nofix" = the reference's name for none
     prompt: str = ""
     tile: int = 96
     tile_overlap: int = 32
-    tile_batch: int = 4
+    tile_batch: int = 1  # >1 is faster on GPUs, but batched kernels round differently from the reference
     vae_encoder_tile: int = 1024
     vae_decoder_tile: int = 224
     vae_offload: bool = False
@@ -26,7 +26,7 @@ class SROptions:
     def __post_init__(self):
         if self.scale < 1:
             raise ValueError(f"scale must be >= 1, got {self.scale}")
-        if self.tile <= self.tile_overlap:
-            raise ValueError(f"--tile ({self.tile}) must be larger than --tile-overlap ({self.tile_overlap})")
-        if min(self.tile, self.vae_encoder_tile, self.vae_decoder_tile, self.tile_batch) < 1:
-            raise ValueError("tile sizes and tile_batch must be positive")
+        if not 0 <= self.tile_overlap < self.tile:
+            raise ValueError(f"--tile-overlap ({self.tile_overlap}) must be >= 0 and below --tile ({self.tile})")
+        if min(self.tile, self.vae_encoder_tile, self.vae_decoder_tile, self.tile_batch, self.process_size) < 1:
+            raise ValueError("tile sizes, tile_batch and process_size must be positive")

@@ -55,6 +55,14 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x * 255).to(torch.uint8)
 
 
+def _warn_if_huge(size: tuple[int, int], scale: int, limit_mp: float = 256.0) -> None:
+    """Extreme aspect ratios are enlarged by the small-input guard first (as in the reference): say so."""
+    mp = size[0] * size[1] * scale * scale / 1e6
+    if mp > limit_mp:
+        log.warning("processing at %dx%d (%.0f megapixels): this will be slow and memory-hungry",
+                    size[0] * scale, size[1] * scale, mp)
+
+
 class OSEDiffPipeline:
     """OSEDiff ×s super-resolution. Public call: `pipe(image, prompt=None)`.
 
@@ -80,6 +88,10 @@ class OSEDiffPipeline:
 
         dev = torch.device(device) if device else default_device()
         dt = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(dev))
+        if dev.type == "cuda" and dt == torch.float32:
+            # the reference runs fp32 with TF32 matmuls on (a side effect of its imports, spec §1.11)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         base_path = wts.find("base", base)
         weights_path = wts.find("weights", weights)
         model = OSEDiffModel.from_pretrained(base_path, weights_path, device=dev, dtype=dt, merge=merge)
@@ -135,6 +147,7 @@ class OSEDiffPipeline:
         h0, w0 = x.shape[-2:]
         xd = x.to(self.model.device, torch.float32)
         guard = guard_size(w0, h0, s, o.process_size)
+        _warn_if_huge(guard or (w0, h0), s)
         if guard:
             xd = resize_bicubic(xd, (guard[1], guard[0]))
         x_up = resize_bicubic(xd, (xd.shape[-2] * s, xd.shape[-1] * s)).clamp(0, 1)
@@ -158,6 +171,7 @@ class OSEDiffPipeline:
         if any(p.size != (w0, h0) or p.bits != bits for p in pics):
             raise ValueError("run_pictures needs pictures of one size and bit depth")
         guard = guard_size(w0, h0, s, o.process_size)
+        _warn_if_huge(guard or (w0, h0), s)
         if bits == 8:
             ups = []
             for pic in pics:
@@ -165,7 +179,8 @@ class OSEDiffPipeline:
                 if guard:
                     im = im.resize(guard, Image.BICUBIC)
                 ups.append(np.array(im.resize((im.width * s, im.height * s), Image.BICUBIC)))
-            x_up = torch.from_numpy(np.stack(ups)).permute(0, 3, 1, 2).float().div(255)
+            # contiguous NCHW like ToTensor: a channels-last view would select other conv kernels (other rounding)
+            x_up = torch.from_numpy(np.stack(ups)).permute(0, 3, 1, 2).contiguous().float().div(255)
             out, prompts = self._restore(x_up.to(self.model.device), prompt, quantize=True)
             rgbs = list(out.permute(0, 2, 3, 1).cpu().numpy())
             if guard:
@@ -190,19 +205,25 @@ class OSEDiffPipeline:
         """Steps 3–6: upscaled (B,3,H,W) [0,1] -> SR (B,3,H,W) and the prompts used. The SR image is float32
         in [0,1], or with `quantize` uint8 after the reference's floor / colour fix / floor (spec §1.10)."""
         o, m = self.options, self.model
+        x_up = x_up.contiguous()
         x, (h, w) = pad_to_multiple(x_up, 8)
         prompts = build_prompts(x_up, self.extractor, o.prompt if prompt is None else prompt)
         generator = None
         if o.sample_latent:
+            # one generator per call, seeded by --seed (else a fresh random seed, without touching torch's global RNG)
             generator = torch.Generator(device=m.device)
-            generator.manual_seed(o.seed if o.seed is not None else torch.seed())
+            if o.seed is not None:
+                generator.manual_seed(o.seed)
+            else:
+                generator.seed()
         y = m(x * 2 - 1, m.encode_text(prompts), sample=o.sample_latent, generator=generator, tile=o.tile,
               tile_overlap=o.tile_overlap, tile_batch=o.tile_batch, vae_encoder_tile=o.vae_encoder_tile,
               vae_decoder_tile=o.vae_decoder_tile, vae_offload="cpu" if o.vae_offload else None)
         y01 = y[..., :h, :w] * 0.5 + 0.5
         if not quantize:
             return color_fix(y01.float(), x_up, o.color_fix), prompts
-        q = to_uint8(y01)
-        if o.color_fix == "none":
+        q = to_uint8(y01).cpu()
+        if o.color_fix in ("none", "nofix"):
             return q, prompts
-        return to_uint8(color_fix(q.float() / 255, x_up, o.color_fix)), prompts
+        # on the CPU in fp32, as the reference (a GPU's TF32 convolutions would change the wavelet fix)
+        return to_uint8(color_fix(q.float() / 255, x_up.cpu(), o.color_fix)), prompts

@@ -47,26 +47,29 @@ def tile_grid(h: int, w: int, tile: int, overlap: int) -> tuple[int, int, list[t
         return h, w, [(0, 0)]
     side = min(tile, h, w)
     th, tw = (side, side) if side > overlap else (min(h, tile), min(w, tile))
-    return th, tw, [(y, x) for y in tile_starts(h, th, overlap) for x in tile_starts(w, tw, overlap)]
+    # x-outer, as the reference walks them: the fp32 sums round in this order
+    return th, tw, [(y, x) for x in tile_starts(w, tw, overlap) for y in tile_starts(h, th, overlap)]
 
 
 def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, tile: int, overlap: int,
                 tile_batch: int = 1) -> torch.Tensor:
     """Apply `fn` ((N,C,th,tw) -> (N,C,th,tw)) over a Gaussian-blended tile grid of z (B,C,h,w); returns fp32.
 
-    Untiled (a single direct call, output dtype kept as fp32 like the reference's cast) when h·w ≤ tile².
+    Untiled (a single direct call, cast to fp32) when h·w ≤ tile². Products with the float64 weights are
+    added into fp32 buffers, tile by tile in the reference's order, so the result rounds as the reference's.
     `tile_batch` tiles are concatenated along the batch axis per call of `fn`.
     """
     b, _, h, w = z.shape
     th, tw, origins = tile_grid(h, w, tile, overlap)
     if len(origins) == 1 and (th, tw) == (h, w):
         return fn(z).float()
-    weight = gaussian_weights(tw, th).to(device=z.device, dtype=torch.float32)
+    # float64 like the reference's products (MPS has no float64: float32 there)
+    weight = gaussian_weights(tw, th).to(z.device, torch.float32 if z.device.type == "mps" else torch.float64)
     num = torch.zeros(z.shape, dtype=torch.float32, device=z.device)
     den = torch.zeros((1, 1, h, w), dtype=torch.float32, device=z.device)
     for i in range(0, len(origins), tile_batch):
         chunk = origins[i:i + tile_batch]
-        out = fn(torch.cat([z[:, :, y:y + th, x:x + tw] for y, x in chunk])).float()
+        out = fn(torch.cat([z[:, :, y:y + th, x:x + tw] for y, x in chunk]))
         for k, (y, x) in enumerate(chunk):
             num[:, :, y:y + th, x:x + tw] += out[k * b:(k + 1) * b] * weight
             den[:, :, y:y + th, x:x + tw] += weight

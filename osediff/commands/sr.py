@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ram", help="ram_swin_large_14m.pth (env OSEDIFF_RAM)")
     p.add_argument("--dape", help="DAPE.pth (env OSEDIFF_DAPE)")
     p.add_argument("--no-dape", dest="use_dape", action="store_false", help="no tags: prompt is the user prompt only")
+    p.add_argument("--no-merge", dest="merge", action="store_false",
+                   help="keep LoRA as peft adapters like the reference (slower; bit-faithful in fp16)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda/mps, fp32 on cpu")
     p.add_argument("--ext", default="png", help="output format: png (default), jpg, webp, ..., or auto (= input's)")
@@ -50,17 +52,17 @@ def run(args: argparse.Namespace) -> int:
         options = dataclass_from_args(SROptions, args)
     except ValueError as e:
         raise SystemExit(f"osediff sr: {e}") from None
-    if args.dry_run:
-        print(to_json(options))
-        for p in collect_inputs(args.inputs):
-            print(p)
-        return 0
     try:
+        if args.dry_run:
+            print(to_json(options))
+            for p in collect_inputs(args.inputs):
+                print(p)
+            return 0
         return super_resolve_files(args.inputs, args.output, base=args.base, weights=args.weights, dape=args.dape,
                                    ram=args.ram, use_dape=args.use_dape, device=args.device, dtype=args.dtype,
                                    options=options, ext=args.ext, suffix=args.suffix,
                                    skip_existing=args.skip_existing, save_prompts=args.save_prompts,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size, merge=args.merge)
     except (MissingWeightsError, FileNotFoundError, ValueError) as e:
         logging.getLogger("osediff").error("%s", e)
         return 2

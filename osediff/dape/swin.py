@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 # What the reference adds to the attention logits of token pairs that a shifted window must keep apart. Not -inf:
@@ -85,14 +84,12 @@ class WindowAttention(nn.Module):
         h = self.num_heads
         q, k, v = self.qkv(x).view(B, nW, N, 3, h, C // h).permute(3, 0, 1, 4, 2, 5)  # each (B, nW, h, N, hd)
         bias = self.relative_position_bias_table[relative_position_index(self.window, x.device)]  # (N, N, h)
-        bias = bias.permute(2, 0, 1).to(q.dtype)  # (h, N, N)
-        if mask is None:  # one bias for every window: fold the windows into the batch
-            q, k, v = (t.reshape(B * nW, h, N, -1) for t in (q, k, v))
-        else:  # the mask differs per window: fold the windows into the heads instead, so it broadcasts over B
-            bias = (bias[None] + mask[:, None].to(q.dtype)).reshape(nW * h, N, N)
-            q, k, v = (t.reshape(B, nW * h, N, -1) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # softmax(q·kᵀ/√hd + bias)·v
-        out = out.view(B, nW, h, N, -1).transpose(2, 3).reshape(B, nW, N, C)
+        # Written out (not SDPA) so fp16 rounds as the reference does: scale q, q·kᵀ, + bias, + mask, softmax.
+        attn = (q * (C // h) ** -0.5) @ k.transpose(-2, -1) + bias.permute(2, 0, 1).to(q.dtype)  # (B, nW, h, N, N)
+        if mask is not None:
+            attn = attn + mask[:, None].to(q.dtype)
+        out = attn.softmax(-1) @ v  # (B, nW, h, N, hd)
+        out = out.transpose(2, 3).reshape(B, nW, N, C)
         return self.proj(out)
 
 

@@ -17,6 +17,7 @@ merge happens once at load (`lora_linear_delta`, `lora_qv_delta`), so inference 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -101,19 +102,20 @@ def load_thresholds() -> Tensor:
 
 
 def lora_linear_delta(lora_a: Tensor, lora_b: Tensor, lora_alpha: float) -> Tensor:
-    """loralib `Linear`: ΔW = B·A · α/r with A [r, in], B [out, r] (spec Appendix B). float64."""
+    """loralib `Linear`: ΔW = B·A · α/r with A [r, in], B [out, r] (spec Appendix B), in float32 as loralib
+    merges it (the weights are fp32 when `.eval()` merges, before the cast to the run dtype)."""
     r = lora_a.shape[0]
-    return (lora_b.double() @ lora_a.double()) * (lora_alpha / r)
+    return (lora_b.float() @ lora_a.float()) * (lora_alpha / r)
 
 
 def lora_qv_delta(lora_a: Tensor, lora_b: Tensor, lora_alpha: float) -> Tensor:
     """loralib `MergedLinear(dim, 3·dim, enable_lora=[True, False, True])` on Swin's qkv (spec Appendix B).
 
     A is [2r, in] and B is [2·dim, r]: a grouped product, q gets B[:dim]·A[:r] and v gets B[dim:]·A[r:], both
-    scaled by α/r; the k rows get nothing. Returns the (3·dim, in) float64 ΔW.
+    scaled by α/r; the k rows get nothing. Returns the (3·dim, in) float32 ΔW (loralib's precision).
     """
     r, dim = lora_a.shape[0] // 2, lora_b.shape[0] // 2
-    a, b = lora_a.double(), lora_b.double()
+    a, b = lora_a.float(), lora_b.float()
     s = lora_alpha / r
     zeros = a.new_zeros(dim, a.shape[1])
     return torch.cat([(b[:dim] @ a[:r]) * s, zeros, (b[dim:] @ a[r:]) * s])
@@ -149,8 +151,10 @@ class _Attention(nn.Module):
         q = self.query(x).view(B, K, self.heads, -1).transpose(1, 2)  # (B, h, K, D/h)
         k = self.key(context).view(B, -1, self.heads, D // self.heads).transpose(1, 2)  # (B, h, L, D/h)
         v = self.value(context).view(B, -1, self.heads, D // self.heads).transpose(1, 2)
-        # No mask: the reference's image attention mask is all ones, i.e. an additive zero.
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, K, D)
+        # Written out (not SDPA) so fp16 rounds as BERT does: q·kᵀ, then / √d, softmax, · v. No mask: the
+        # reference's image attention mask is all ones, i.e. an additive zero.
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(D // self.heads)
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, K, D)
 
 
 class _AddNorm(nn.Module):
@@ -429,4 +433,4 @@ def _merge_lora(weights: dict[str, Tensor], lora: Mapping[str, Tensor], lora_alp
             raise ValueError(f"LoRA of {module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit its "
                              f"weight {tuple(w.shape)}")
         delta = lora_qv_delta(a, b, lora_alpha) if qkv else lora_linear_delta(a, b, lora_alpha)
-        weights[target] = (w.double() + delta).to(w.dtype)
+        weights[target] = (w.float() + delta).to(w.dtype)
