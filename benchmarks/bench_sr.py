@@ -101,16 +101,18 @@ def stage_flops(model, x, opts) -> dict[str, float]:
 
 
 def run_one(cfg: dict) -> dict:
-    from osediff.pipeline import DTYPES, OSEDiffPipeline, SROptions
+    from osediff.pipeline import OSEDiffPipeline, SROptions, resolve_dtypes
     from osediff.tiling import tile_grid
 
-    device, dtype = cfg["device"], DTYPES[cfg["dtype"]]
+    device = cfg["device"]
+    dtype, vae_dtype = resolve_dtypes(cfg["dtype"], torch.device(device))
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     t0 = time.perf_counter()
     model = build_model(device, dtype, cfg["variant"], cfg["tiny"])
+    model.vae.to(vae_dtype)
     model.optimize(channels_last=cfg["channels_last"], compile=cfg["compile"])
     build_s = time.perf_counter() - t0
     opts = SROptions(tile_batch=cfg["tile_batch"])
@@ -218,7 +220,8 @@ def main() -> None:
     # same function check: every output against the first fp32 (else first) output of the same size
     for s in {r["size"] for r in results}:
         keys = [k for k in outputs if k[1] == s]
-        ref = next((k for k in keys if k[0] == "fp32"), keys[0])
+        ref = next((k for k in keys if k[0] == "fp32" and k[2] == "unmerged"),
+                   next((k for k in keys if k[0] == "fp32"), keys[0]))
         base = torch.load(outputs[ref])
         for k in keys:
             if k != ref:

@@ -117,15 +117,15 @@ class OSEDiffModel(nn.Module):
 
     def encode(self, x: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
                tile: int = 1024, tile_batch: int = 1, offload: str | None = None) -> torch.Tensor:
-        """x (B,3,H,W) in [-1,1], H and W multiples of 8 -> scaled latent (B,4,H/8,W/8) in the model dtype."""
-        x = x.to(self.dtype)
+        """x (B,3,H,W) in [-1,1], H and W multiples of 8 -> scaled latent (B,4,H/8,W/8) in the VAE's dtype."""
+        x = x.to(self.vae.dtype)
         if max(x.shape[-2:]) <= tile + 2 * _ENC_PAD:
             moments = self.vae.quant_conv(self.vae.encoder(x))
         else:
             from osediff.tiled_vae import encode_moments
 
             moments = encode_moments(self.vae, x, tile=tile, tile_batch=tile_batch, offload=offload)
-        mean, logvar = moments.to(self.dtype).chunk(2, dim=1)
+        mean, logvar = moments.to(self.vae.dtype).chunk(2, dim=1)
         z = mean
         if sample:  # the reference's `latent_dist.sample()` (spec §1.6)
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -141,7 +141,7 @@ class OSEDiffModel(nn.Module):
             reps = tiles.shape[0] // b  # tiles of the same images are stacked along the batch axis
             c = prompt_embeds.repeat(reps, 1, 1)
             t = torch.full((tiles.shape[0],), schedule.TIMESTEP, device=tiles.device, dtype=torch.long)
-            return self.unet(tiles, t, encoder_hidden_states=c).sample
+            return self.unet(tiles.to(self.dtype), t, encoder_hidden_states=c).sample
 
         eps = tiled_apply(eps_fn, z, tile, overlap, tile_batch)
         return schedule.x0_from_eps(z, eps, self.alpha_bar)
@@ -149,7 +149,7 @@ class OSEDiffModel(nn.Module):
     def decode(self, z0: torch.Tensor, *, tile: int = 224, tile_batch: int = 1,
                offload: str | None = None) -> torch.Tensor:
         """Scaled clean latent (B,4,h,w) -> image (B,3,8h,8w) in [-1,1] (clamped), spec §1.9."""
-        z = z0.to(self.dtype) / schedule.VAE_SCALING
+        z = z0.to(self.vae.dtype) / schedule.VAE_SCALING
         if max(z.shape[-2:]) <= tile + 2 * _DEC_PAD:
             y = self.vae.decoder(self.vae.post_quant_conv(z))
         else:

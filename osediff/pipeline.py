@@ -31,6 +31,20 @@ from osediff.resample import guard_size, pad_to_multiple, resize_bicubic
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# "vae-bf16": the VAE (~85 % of the FLOPs at 512²) in bf16, the UNet and text encoder in fp32. On CPUs with
+# AVX512-BF16 this keeps most of bf16's speed while the UNet, whose ε error x0 amplifies 14.6×, stays exact.
+DTYPE_CHOICES = (*DTYPES, "vae-bf16")
+
+
+def resolve_dtypes(name: str | torch.dtype | None, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of the UNet, text encoder and tagger, dtype of the VAE) for a `--dtype` value."""
+    if name is None:
+        dt = default_dtype(device)
+        return dt, dt
+    if name == "vae-bf16":
+        return torch.float32, torch.bfloat16
+    dt = DTYPES[name] if isinstance(name, str) else name
+    return dt, dt
 
 
 def default_device() -> torch.device:
@@ -87,7 +101,7 @@ class OSEDiffPipeline:
         from osediff import weights as wts
 
         dev = torch.device(device) if device else default_device()
-        dt = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(dev))
+        dt, vae_dt = resolve_dtypes(dtype, dev)
         if dev.type == "cuda" and dt == torch.float32:
             # the reference runs fp32 with TF32 matmuls on (a side effect of its imports, spec §1.11)
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -95,6 +109,7 @@ class OSEDiffPipeline:
         base_path = wts.find("base", base)
         weights_path = wts.find("weights", weights)
         model = OSEDiffModel.from_pretrained(base_path, weights_path, device=dev, dtype=dt, merge=merge)
+        model.vae.to(vae_dt)
         extractor = None
         if use_dape:
             ram_path = wts.find("ram", ram, required=dape is not None)

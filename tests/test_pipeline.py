@@ -184,3 +184,13 @@ def test_tiled_vae_path_equals_untiled_through_the_pipeline(tiny_pipe):
     tiled = tiny_pipe.with_options(vae_encoder_tile=64, vae_decoder_tile=8, tile_batch=2)(x)
     offloaded = tiny_pipe.with_options(vae_encoder_tile=64, vae_decoder_tile=8, vae_offload=True)(x)
     assert (tiled - untiled).abs().max() < 1e-4 and (offloaded - untiled).abs().max() < 1e-4
+
+
+def test_vae_bf16_mode_keeps_the_unet_in_fp32(tiny_sd, tiny_ckpt, tiny_pipe):
+    pipe = OSEDiffPipeline.from_pretrained(str(tiny_sd), str(tiny_ckpt), device="cpu", dtype="vae-bf16",
+                                           use_dape=False)
+    assert pipe.model.unet.dtype == torch.float32 and pipe.model.vae.dtype == torch.bfloat16
+    assert pipe.model.text_encoder.dtype == torch.float32
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y, ref = pipe(x), tiny_pipe(x)
+    assert y.dtype == torch.float32 and (y - ref).abs().mean() < 0.05

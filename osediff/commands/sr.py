@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-merge", dest="merge", action="store_false",
                    help="keep LoRA as peft adapters like the reference (slower; bit-faithful in fp16)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda/mps, fp32 on cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "vae-bf16"],
+                   help="default: fp16 on cuda/mps, fp32 on cpu; vae-bf16 = VAE in bf16, rest fp32 (fast on "
+                        "AVX512-BF16 CPUs, close to fp32)")
     p.add_argument("--ext", default="png", help="output format: png (default), jpg, webp, ..., or auto (= input's)")
     p.add_argument("--suffix", default="", help="appended to output names: <stem>_<suffix>.<ext>")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists (resume)")

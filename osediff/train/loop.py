@@ -16,6 +16,12 @@ Fixes of the reference's defects (spec §8.14–§8.18), all deliberate:
   are not built;
 - checkpoints every N steps and at the end (the reference: at step % 500 == 1).
 
+Precision differences (small, deliberate): the frozen text encoder runs in `--frozen-dtype` (fp16 under fp16
+AMP; the reference keeps the generator's in fp32 — `--frozen-dtype fp32` restores that); the frozen real score
+runs under autocast, so its norms, softmax and the CFG sum are fp32 (the reference: pure fp16); the posterior
+sample is drawn in fp32 (the reference: fp16 under autocast). Logged losses are unweighted (the reference logs
+LPIPS times its weight 2).
+
 Randomness: every draw of a micro-step (degradation, posterior sample, timesteps, noise) comes from one
 generator seeded by (seed, micro-step, process), and crops from (seed, epoch, position). Nothing depends on
 RNG state carried between steps, so a resumed run repeats a straight run exactly.
@@ -69,7 +75,8 @@ class Batch:
 
 @dataclass
 class Losses:
-    """The four logged losses (the reference's loss_l2, loss_lpips, loss_kl, loss_d), unweighted."""
+    """The four logged losses (the reference's loss_l2, loss_lpips, loss_kl, loss_d), unweighted (the reference
+    logs loss_lpips already multiplied by lambda_lpips)."""
 
     l2: float
     lpips: float
@@ -215,7 +222,10 @@ class Trainer:
     def _update(self, loss: Tensor, optimizer, params: list[torch.nn.Parameter]) -> None:
         self.acc.backward(loss)
         if self.acc.sync_gradients:
-            self.acc.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+            # Unscale this optimiser only: accelerate's clip_grad_norm_ unscales every prepared optimiser, which
+            # under fp16 with grad_accum > 1 would unscale the fake score's half-accumulated gradients twice.
+            self.acc.unscale_gradients(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
         optimizer.step()  # accelerate skips the step and the zeroing between accumulation micro-steps
         optimizer.zero_grad(set_to_none=True)
 
@@ -314,7 +324,8 @@ class Trainer:
         if given is None:
             from osediff.lpips import LPIPS
 
-            given = LPIPS.from_files(lc.lpips_vgg, lc.lpips_lin)
+            with self.acc.main_process_first():  # one download into the shared cache, not one per process
+                given = LPIPS.from_files(lc.lpips_vgg, lc.lpips_lin)
         return given.to(self.acc.device).requires_grad_(False).eval()
 
     def _tagger(self, given: torch.nn.Module | None) -> torch.nn.Module | None:
