@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 _ENC_PAD, _DEC_PAD = 32, 11
 
 
-def load_base(base: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """(unet, vae, text_encoder, tokenizer) of SD 2.1-base from a diffusers folder or hub id, in fp32 on CPU
-    first (LoRA is merged in full precision), then moved to `device`/`dtype` by the caller."""
+def load_base(base: str, dtype: torch.dtype = torch.float32):
+    """(unet, vae, text_encoder, tokenizer) of SD 2.1-base from a diffusers folder or hub id, on the CPU in
+    `dtype` (fp32 by default, so LoRA merges in full precision); the caller moves them to their device."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -45,7 +45,7 @@ def load_base(base: str, device: torch.device | str = "cpu", dtype: torch.dtype 
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype)
     except OSError as e:
         raise MissingWeightsError(f"{missing_message('base', base)}\n  ({type(e).__name__}: {e})") from e
-    if unet.config.get("prediction_type", None) == "v_prediction" or unet.config.sample_size == 96:
+    if unet.config.sample_size == 96:  # 96 latent px = 768 image px: SD 2.1 (v-prediction), OSEDiff issue #65
         log.warning("%s looks like SD 2.1 (768, v-prediction); OSEDiff needs SD 2.1-base (512, epsilon)", base)
     return unet, vae, text_encoder, tokenizer
 

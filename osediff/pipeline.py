@@ -1,6 +1,6 @@
 """`OSEDiffPipeline`: an image in, its ×s super-resolution out (spec §1.3–§1.10), on CUDA, MPS or CPU.
 
-The recipe, for one image (`_restore` and `_picture` read as these steps):
+The recipe, for one image (`run_pictures` and `_restore` read as these steps):
  1. small-input guard: sides below process_size/s are first enlarged (PIL bicubic)       spec §1.3.2
  2. ×s bicubic upscale (PIL's kernel, bit-exact for 8-bit images)                         spec §1.3.3
  3. reflect-pad to a multiple of 8 (the reference squashes with LANCZOS instead, §8.2)
@@ -10,7 +10,8 @@ The recipe, for one image (`_restore` and `_picture` read as these steps):
                                                                                            spec §1.10
  7. guard undone: back to exactly s·W × s·H (the reference forgets to, §8.1); alpha re-attached.
 Deliberate differences from the reference (README "Fidelity"): posterior mean instead of a sample (use
-`sample_latent=True, seed=N` for the reference's behaviour), padding instead of squashing, guard fixed.
+`sample_latent=True, seed=N` for the reference's behaviour), LoRA merged (`merge=False` keeps peft adapters),
+padding instead of squashing, guard fixed.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from osediff.resample import guard_size, pad_to_multiple, resize_bicubic
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# "vae-bf16": the VAE (~85 % of the FLOPs at 512²) in bf16, the UNet and text encoder in fp32. On CPUs with
-# AVX512-BF16 this keeps most of bf16's speed while the UNet, whose ε error x0 amplifies 14.6×, stays exact.
-DTYPE_CHOICES = (*DTYPES, "vae-bf16")
 
 
 def resolve_dtypes(name: str | torch.dtype | None, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(dtype of the UNet, text encoder and tagger, dtype of the VAE) for a `--dtype` value."""
+    """(dtype of the UNet, text encoder and tagger, dtype of the VAE) for a `--dtype` value (`DTYPE_CHOICES`).
+
+    "vae-bf16": the VAE (~85 % of the FLOPs at 512²) in bf16, the rest fp32. On CPUs with AVX512-BF16 this keeps
+    most of bf16's speed while the UNet, whose ε error the x0 formula amplifies 14.6×, stays fp32.
+    """
     if name is None:
         dt = default_dtype(device)
         return dt, dt
@@ -176,6 +178,7 @@ class OSEDiffPipeline:
         (PIL resizes, floor quantisation); 16-bit images take the float path and stay 16-bit."""
         return self.run_pictures([pic], prompt)[0]
 
+    @torch.inference_mode()
     def run_pictures(self, pics: list[Picture], prompt: str | None = None) -> list[tuple[Picture, str]]:
         """`run_picture` for several pictures of one size and bit depth, run through the networks as one batch
         (the same results as one at a time, up to float rounding; with `sample_latent` the noise differs)."""

@@ -9,7 +9,7 @@ HELP = "super-resolve images (files, folders, globs) into OUTDIR"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from osediff.config import add_dataclass_arguments
-    from osediff.options import SROptions
+    from osediff.options import DTYPE_CHOICES, SROptions
 
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-merge", dest="merge", action="store_false",
                    help="keep LoRA as peft adapters like the reference (slower; bit-faithful in fp16)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "vae-bf16"],
+    p.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help="default: fp16 on cuda/mps, fp32 on cpu; vae-bf16 = VAE in bf16, rest fp32 (fast on "
                         "AVX512-BF16 CPUs, close to fp32)")
     p.add_argument("--ext", default="png", help="output format: png (default), jpg, webp, ..., or auto (= input's)")
