@@ -15,7 +15,7 @@ untiled one up to float rounding:
 
 Convolutions, activations and resamplers are called as the diffusers submodules themselves, so peft-LoRA
 wrapped and merged models both work. Each tile is a Python generator (a "tile program") that yields at
-sync points; tensors that live across a pause sit on its `_Tile` state, so `offload` can park them off the
+sync points; tensors that live across a pause sit on its `Tile` state, so `offload` can park them off the
 compute device. Tiles with the same geometry run stacked in batches of `tile_batch`.
 
 Memory: exact statistics need every tile's state at every GroupNorm, so the states of the whole map (the
@@ -28,14 +28,11 @@ every state across PCIe at every sync point (19.5 s instead of 2.6 s).
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Generator
-from dataclasses import dataclass
-from typing import Any, NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from osediff.tile_lockstep import Sync, Tile, TileProgram, cdiv, make_tiles, run_lockstep
 
 # Reference tile sizes and halos (spec §1.6.1). The halos are used only to decide *when* to tile, so that we
 # tile exactly where the reference does; our own halo comes from the architecture.
@@ -136,171 +133,14 @@ def decoder_halo(decoder: nn.Module) -> int:
             m, levels = 2 * m + _reach(up.conv), levels + 1
     m += _reach(decoder.conv_out)
     _check_group_norm(decoder.conv_norm_out)
-    return _cdiv(m, 2**levels)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tile geometry
-
-
-@dataclass
-class _Axis:
-    """One axis of a tile at the current resolution level, in tile-local px."""
-
-    size: int  # tile extent
-    lo: int  # core start
-    hi: int  # core end
-    at_lo: bool  # the tile's start is the image border (zero padding there is what untiled sees)
-    at_hi: bool
-    bad_lo: int = 0  # px next to the start that are wrong (computed from missing context)
-    bad_hi: int = 0
-
-
-@dataclass
-class _Geo:
-    """Geometry shared by all tiles of a batch: where the core sits and how far garbage has crept in."""
-
-    axes: tuple[_Axis, _Axis]  # (y, x)
-    strict: bool = True  # raise if the core ever stops being exact (False when a test forces the halo)
-
-    def conv(self, reach: int) -> None:
-        for a in self.axes:
-            a.bad_lo += 0 if a.at_lo else reach
-            a.bad_hi += 0 if a.at_hi else reach
-
-    def down(self) -> None:
-        # Downsample2D: output o reads input px 2o..2o+2, the last being the zero pad after the tile's end.
-        for a in self.axes:
-            a.size, a.lo, a.hi = a.size // 2, a.lo // 2, a.hi // 2
-            a.bad_lo = -(-a.bad_lo // 2)
-            a.bad_hi = 0 if a.at_hi else (a.bad_hi + 2) // 2
-
-    def up(self, reach: int) -> None:
-        for a in self.axes:
-            a.size, a.lo, a.hi, a.bad_lo, a.bad_hi = (2 * v for v in (a.size, a.lo, a.hi, a.bad_lo, a.bad_hi))
-        self.conv(reach)
-
-    def crop_valid(self, h: torch.Tensor) -> torch.Tensor:
-        """Drop the wrong border px (never any of the core), so they are not upsampled and convolved."""
-        cut = [(min(a.bad_lo, a.lo), min(a.bad_hi, a.size - a.hi)) for a in self.axes]
-        for a, (lo, hi) in zip(self.axes, cut):
-            a.size, a.lo, a.hi = a.size - lo - hi, a.lo - lo, a.hi - lo
-            a.bad_lo, a.bad_hi = a.bad_lo - lo, a.bad_hi - hi
-        (y0, y1), (x0, x1) = cut
-        return h[:, :, y0 : h.shape[2] - y1, x0 : h.shape[3] - x1]
-
-    def core(self, h: torch.Tensor) -> torch.Tensor:
-        y, x = self.axes
-        return h[:, :, y.lo : y.hi, x.lo : x.hi]
-
-    def check_exact(self) -> None:
-        if self.strict and any(a.bad_lo > a.lo or a.bad_hi > a.size - a.hi for a in self.axes):
-            raise RuntimeError(f"tile core is no longer exact ({self.axes}); the halo derivation is wrong")
-
-
-def _spans(n: int, tile: int, align: int) -> list[tuple[int, int]]:
-    """Cores partitioning [0, n): equal, `align`-aligned, at most max(tile, align) long (the last may be
-    shorter). n must be a multiple of `align`."""
-    k = _cdiv(n, max(tile, align))
-    size = _cdiv(_cdiv(n, k), align) * align
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-@dataclass
-class _Tile:
-    """State of one batch of same-geometry tiles. Tensors that live across a sync point are kept here
-    (never in a program's locals) so the driver can park them on the offload device."""
-
-    geo: _Geo
-    cores: list[tuple[int, int, int, int]]  # (y0, y1, x0, x1) per stacked tile, input px
-    boxes: list[tuple[int, int, int, int]]  # core + halo, clipped to the image
-    h: torch.Tensor | None = None  # (n·B, C, h, w), index = tile·B + image
-    skip: torch.Tensor | None = None  # residual input of the current resnet/attention
-
-    @property
-    def n(self) -> int:
-        return len(self.cores)
-
-    def move(self, device: torch.device | str | None) -> None:
-        if device is None:
-            return
-        # Asynchronous both ways: CUDA -> CPU lands in pinned memory, and the copy back is stream-ordered.
-        same = self.skip is self.h
-        self.h = None if self.h is None else self.h.to(device, non_blocking=True)
-        self.skip = (
-            self.h if same else (None if self.skip is None else self.skip.to(device, non_blocking=True))
-        )
-
-
-def _make_tiles(shape: tuple[int, int], tile: int, align: int, halo: int, tile_batch: int, strict: bool):
-    """Tile states for a (H, W) map, tiles with equal geometry stacked in groups of `tile_batch`."""
-    groups: dict[tuple, list] = {}
-    spans = [_spans(n, tile, align) for n in shape]
-    for (y0, y1), (x0, x1) in itertools.product(*spans):
-        axes, box = [], []
-        for (c0, c1), n in zip(((y0, y1), (x0, x1)), shape):
-            b0, b1 = max(c0 - halo, 0), min(c1 + halo, n)
-            axes.append((b1 - b0, c0 - b0, c1 - b0, b0 == 0, b1 == n))
-            box += [b0, b1]
-        groups.setdefault(tuple(axes), []).append(((y0, y1, x0, x1), tuple(box)))
-    tiles = []
-    for axes, members in groups.items():
-        for i in range(0, len(members), tile_batch):
-            chunk = members[i : i + tile_batch]
-            geo = _Geo((_Axis(*axes[0]), _Axis(*axes[1])), strict=strict)
-            tiles.append(_Tile(geo, [c for c, _ in chunk], [b for _, b in chunk]))
-    return tiles
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Lockstep driver
-
-
-class _Sync(NamedTuple):
-    """What a tile program yields at a sync point: its part, and how to combine all parts."""
-
-    value: Any
-    reduce: Callable[[list[Any]], Any]
-
-
-TileProgram = Generator[_Sync, Any, torch.Tensor]
-
-
-def _run_lockstep(
-    tiles: list[_Tile],
-    program: Callable[[_Tile], TileProgram],
-    device: torch.device,
-    offload: torch.device | str | None,
-    paste: Callable[[_Tile, torch.Tensor], None],
-) -> None:
-    """Run one program per tile batch, all pausing at every sync point; `paste` each final result."""
-    gens = [program(t) for t in tiles]
-    shared: Any = None  # the combined parts of the last sync point, sent to every program
-    while gens:
-        parts, running = [], []
-        for g, t in zip(gens, tiles):
-            t.move(device)
-            try:
-                parts.append(g.send(shared))
-            except StopIteration as stop:
-                paste(t, stop.value)
-                t.h = t.skip = None
-                continue
-            t.move(offload)
-            running.append((g, t))
-        if running and len(running) != len(gens):
-            raise RuntimeError("tile programs fell out of step")
-        shared = None  # drop the last combined value (e.g. K/V) before making the next
-        shared = parts[0].reduce([p.value for p in parts]) if parts else None
-        del parts  # free the per-tile parts (e.g. K/V) before the programs resume
-        gens, tiles = [g for g, _ in running], [t for _, t in running]
+    return cdiv(m, 2**levels)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Sync points: GroupNorm and attention
 
 
-def _core_stats(norm: nn.GroupNorm, t: _Tile):
+def _core_stats(norm: nn.GroupNorm, t: Tile):
     """Per tile, image and group: (count, mean, var) of the core, in fp32 at least."""
     h = t.geo.core(t.h).unflatten(1, (norm.num_groups, -1)).unflatten(0, (t.n, -1))  # (n, B, G, C/G, hc, wc)
     fp = torch.promote_types(h.dtype, torch.float32)
@@ -319,10 +159,10 @@ def _combine_stats(parts) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def _norm(norm: nn.GroupNorm, t: _Tile):
+def _norm(norm: nn.GroupNorm, t: Tile):
     """t.h = norm(t.h) with statistics over the whole feature map (all cores), the module's eps/affine."""
     t.geo.check_exact()
-    mean, var = yield _Sync(_core_stats(norm, t), _combine_stats)  # (B, G)
+    mean, var = yield Sync(_core_stats(norm, t), _combine_stats)  # (B, G)
     scale = torch.rsqrt(var + norm.eps).repeat_interleave(t.h.shape[1] // norm.num_groups, dim=1)  # (B, C)
     shift = -mean.repeat_interleave(t.h.shape[1] // norm.num_groups, dim=1) * scale
     if norm.affine:
@@ -341,7 +181,7 @@ def _concat_kv(parts, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     return out[0], out[1]
 
 
-def _core_kv(attn: nn.Module, t: _Tile) -> tuple[torch.Tensor, torch.Tensor]:
+def _core_kv(attn: nn.Module, t: Tile) -> tuple[torch.Tensor, torch.Tensor]:
     core = t.geo.core(t.h).flatten(2).transpose(1, 2)  # (n·B, Lc, C)
     return attn.to_k(core).unflatten(0, (t.n, -1)), attn.to_v(core).unflatten(0, (t.n, -1))  # (n, B, Lc, C)
 
@@ -360,7 +200,7 @@ def _sdpa(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tens
     return torch.cat(tiles)
 
 
-def _attention(attn: nn.Module, t: _Tile):
+def _attention(attn: nn.Module, t: Tile):
     """diffusers `Attention` as run by AttnProcessor2_0 (GroupNorm, single-scale SDPA, out-projection,
     residual, rescale), with the keys and values of the whole map. Only the queries are per tile."""
     if attn.spatial_norm is not None or attn.group_norm is None or attn.norm_q is not None:
@@ -368,7 +208,7 @@ def _attention(attn: nn.Module, t: _Tile):
     t.skip = t.h
     yield from _norm(attn.group_norm, t)
     # No tensor is bound to a local across the yield: the parts are freed once concatenated.
-    key, value = yield _Sync(_core_kv(attn, t), lambda parts: _concat_kv(parts, attn.heads))
+    key, value = yield Sync(_core_kv(attn, t), lambda parts: _concat_kv(parts, attn.heads))
     nB, C, H, W = t.h.shape
     q = attn.to_q(t.h.flatten(2).transpose(1, 2))  # (n·B, L, C)
     o = _sdpa(q.unflatten(-1, (attn.heads, -1)).transpose(1, 2), key, value)  # (n·B, heads, L, d)
@@ -383,7 +223,7 @@ def _attention(attn: nn.Module, t: _Tile):
 # Tile programs: the diffusers forward passes, one layer at a time
 
 
-def _resnet(block: nn.Module, t: _Tile):
+def _resnet(block: nn.Module, t: Tile):
     """ResnetBlock2D without time embedding: (shortcut(x) + conv2(act(norm2(conv1(act(norm1(x))))))) / s."""
     t.skip = t.h
     yield from _norm(block.norm1, t)
@@ -396,7 +236,7 @@ def _resnet(block: nn.Module, t: _Tile):
     t.h, t.skip = _div(skip + t.h, block.output_scale_factor), None
 
 
-def _mid_block(mid: nn.Module, t: _Tile):
+def _mid_block(mid: nn.Module, t: Tile):
     yield from _resnet(mid.resnets[0], t)
     for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
         if attn is not None:
@@ -405,7 +245,7 @@ def _mid_block(mid: nn.Module, t: _Tile):
 
 
 def _encoder_program(vae: nn.Module, x: torch.Tensor, device: torch.device, dtype: torch.dtype):
-    def program(t: _Tile) -> TileProgram:
+    def program(t: Tile) -> TileProgram:
         enc = vae.encoder
         t.h = _stack(x, t.boxes, device, dtype)  # (n·B, 3, h, w)
         t.h = enc.conv_in(t.h)
@@ -427,7 +267,7 @@ def _encoder_program(vae: nn.Module, x: torch.Tensor, device: torch.device, dtyp
 
 
 def _decoder_program(vae: nn.Module, z: torch.Tensor, device: torch.device, dtype: torch.dtype):
-    def program(t: _Tile) -> TileProgram:
+    def program(t: Tile) -> TileProgram:
         dec = vae.decoder
         t.h = _stack(z, t.boxes, device, dtype)  # (n·B, 4, h, w)
         if vae.post_quant_conv is not None:
@@ -462,11 +302,11 @@ def _encode_tiled(vae, x, *, tile, tile_batch=1, offload=None, halo: int | None 
     derived = encoder_halo(vae.encoder)
     scale = 2 ** sum(len(b.downsamplers or ()) for b in vae.encoder.down_blocks)  # 8: cores align to it
     halo, strict = (derived, True) if halo is None else (halo, False)
-    tiles = _make_tiles(x.shape[-2:], tile, scale, halo, tile_batch, strict)
+    tiles = make_tiles(x.shape[-2:], tile, scale, halo, tile_batch, strict)
     out_ch = _base(vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out).out_channels
     out = torch.empty(x.shape[0], out_ch, x.shape[2] // scale, x.shape[3] // scale, dtype=x.dtype,
                       device=device if offload is None else offload)  # fmt: skip
-    _run_lockstep(tiles, _encoder_program(vae, x, device, dtype), device, offload, _paster(out, 1, scale))
+    run_lockstep(tiles, _encoder_program(vae, x, device, dtype), device, offload, _paster(out, 1, scale))
     return out
 
 
@@ -476,10 +316,10 @@ def _decode_tiled(vae, z, *, tile, tile_batch=1, offload=None, halo: int | None 
     derived = decoder_halo(vae.decoder)
     scale = 2 ** sum(len(b.upsamplers or ()) for b in vae.decoder.up_blocks)
     halo, strict = (derived, True) if halo is None else (halo, False)
-    tiles = _make_tiles(z.shape[-2:], tile, 1, halo, tile_batch, strict)
+    tiles = make_tiles(z.shape[-2:], tile, 1, halo, tile_batch, strict)
     out = torch.empty(z.shape[0], _base(vae.decoder.conv_out).out_channels, z.shape[2] * scale, z.shape[3] * scale,
                       dtype=z.dtype, device=device if offload is None else offload)  # fmt: skip
-    _run_lockstep(tiles, _decoder_program(vae, z, device, dtype), device, offload, _paster(out, scale, 1))
+    run_lockstep(tiles, _decoder_program(vae, z, device, dtype), device, offload, _paster(out, scale, 1))
     return out
 
 
@@ -491,14 +331,10 @@ def _div(x: torch.Tensor, s: float) -> torch.Tensor:
     return x if s == 1 else x / s  # the VAE's factors are 1: skip a full pass over the tile
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _paster(out: torch.Tensor, num: int, den: int):
     """Copy each tile's core result into `out` at its core box scaled by num/den."""
 
-    def paste(t: _Tile, result: torch.Tensor) -> None:
+    def paste(t: Tile, result: torch.Tensor) -> None:
         B = out.shape[0]
         for i, (y0, y1, x0, x1) in enumerate(t.cores):
             box = [v * num // den for v in (y0, y1, x0, x1)]

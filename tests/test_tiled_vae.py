@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from osediff import tiled_vae as tv
+from osediff.tile_lockstep import spans
 from osediff.tiled_vae import decode_latents, decoder_halo, encode_moments, encoder_halo
 
 BLOCKS = 4  # SD layout: 3 downsamples, latents are /8
@@ -217,7 +218,7 @@ def test_rejects_bad_arguments(vae):
 
 @pytest.mark.parametrize("n, tile, align", [(1, 1, 1), (29, 4, 1), (2056, 1024, 8), (136, 64, 8), (8, 64, 8)])
 def test_spans_partition_the_axis(n, tile, align):
-    spans = tv._spans(n, tile, align)
-    assert spans[0][0] == 0 and spans[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-    assert all(s % align == 0 and 0 < e - s <= max(tile, align) for s, e in spans)
+    cores = spans(n, tile, align)
+    assert cores[0][0] == 0 and cores[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(cores, cores[1:]))
+    assert all(s % align == 0 and 0 < e - s <= max(tile, align) for s, e in cores)
