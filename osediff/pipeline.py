@@ -111,7 +111,8 @@ class OSEDiffPipeline:
         base_path = wts.find("base", base)
         weights_path = wts.find("weights", weights)
         model = OSEDiffModel.from_pretrained(base_path, weights_path, device=dev, dtype=dt, merge=merge)
-        model.vae.to(vae_dt)
+        if vae_dt != dt:
+            model.vae.to(vae_dt)
         extractor = None
         if use_dape:
             ram_path = wts.find("ram", ram, required=dape is not None)
