@@ -28,23 +28,16 @@ class BatchResult:
         return 1 if self.failed else 0
 
 
-def image_extensions() -> set[str]:
-    """Every file extension Pillow can open (plus .png for 16-bit)."""
-    from PIL import Image
-
-    exts = {e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    return exts | {".png"}
-
-
 def collect_inputs(inputs: list[str]) -> list[Path]:
     """Expand files, folders (non-recursive, images only, sorted) and glob patterns; keep order, drop repeats.
     A name that matches nothing raises FileNotFoundError."""
-    exts = image_extensions()
+    from osediff.imageio import is_image_file
+
     found: list[Path] = []
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            found += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in exts)
+            found += sorted(f for f in p.iterdir() if is_image_file(f))
         elif p.is_file():
             found.append(p)
         else:

@@ -30,11 +30,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from osediff import __version__
+from osediff.imageio import is_image_file
 from osediff.metrics import psnr, ssim
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 IN_HOUSE = ("psnr", "ssim")
 PER_IMAGE_LEARNED = ("lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa")
@@ -92,7 +91,7 @@ def list_images(folder: str | Path) -> dict[str, Path]:
     images: dict[str, Path] = {}
     duplicates = []
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        if is_image_file(path):
             if path.stem in images:
                 duplicates.append(f"{folder}: two files for '{path.stem}': {images[path.stem].name}, {path.name}")
             images[path.stem] = path

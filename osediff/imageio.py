@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,21 @@ import numpy as np
 from osediff.atomic import atomic_path
 
 log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def image_extensions() -> frozenset[str]:
+    """Lower-case suffixes of every format Pillow can open (plus .png, which 16-bit PNGs need pypng for): the
+    one definition of "an image file" for folder listings in sr, eval, train and degrade."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset({e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN} | {".png"})
+
+
+def is_image_file(path: Path) -> bool:
+    """A regular, non-hidden file whose suffix is an image format (`image_extensions`)."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in image_extensions()
 
 
 class ImageReadError(ValueError):

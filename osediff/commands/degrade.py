@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from osediff.atomic import write_bytes
     from osediff.degradation import DegradationConfig, degrade
     from osediff.face_degradation import FaceDegradationConfig, degrade_face
-    from osediff.imageio import Picture, write_image
+    from osediff.imageio import Picture, is_image_file, write_image
 
     log = logging.getLogger("osediff.degrade")
     hq_dir, lq_dir = Path(args.hq_dir), Path(args.lq_dir)
@@ -73,9 +73,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("bad --config: %s", e)
         return 2
 
-    extensions = set(Image.registered_extensions())
-    inputs = sorted(p for p in hq_dir.iterdir() if p.is_file() and not p.name.startswith(".")
-                    and p.suffix.lower() in extensions)
+    inputs = sorted(p for p in hq_dir.iterdir() if is_image_file(p))
     resolved = {"pipeline": "face" if args.face else "realesrgan", "config": dataclasses.asdict(cfg),
                 "seed": args.seed, "resize_back": args.resize_back, "hq_dir": str(hq_dir)}
     if args.dry_run:

@@ -27,11 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from osediff.imageio import ImageReadError, read_image
+from osediff.imageio import ImageReadError, is_image_file, read_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def derive_seed(*parts: object) -> int:
@@ -47,8 +46,7 @@ def list_source(source: str | os.PathLike) -> list[str]:
     and '#' comments skipped; relative paths are relative to the list's folder)."""
     p = Path(source).expanduser()
     if p.is_dir():
-        return sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
-                      and not f.name.startswith("."))
+        return sorted(str(f) for f in p.rglob("*") if is_image_file(f))
     if p.is_file():
         out = []
         for line in p.read_text().splitlines():
