@@ -457,9 +457,10 @@ class Trainer:
 
     # --- validation ------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Super-resolve the first `val_images` LR images of `val_dir` with the current generator (inference
-        pipeline: posterior mean, AdaIN), write them to val/step_NNNNNNN/ and to the tracker."""
-        from osediff.imageio import Picture, read_image, write_image
+        """Super-resolve the first `val_images` LR images of `val_dir` with the current generator through the
+        same per-file path as `osediff sr` (so the PNGs are what inference would write), to val/step_NNNNNNN/
+        and to the tracker."""
+        from osediff.imageio import read_image, write_image
         from osediff.pipeline import OSEDiffPipeline, SROptions
 
         acc, run, step = self.acc, self.cfg.run, self.state.step
@@ -467,10 +468,10 @@ class Trainer:
             pipe = OSEDiffPipeline(self.model, self.tagger, SROptions(scale=run.val_scale))
             folder = self.out / "val" / f"step_{step:07d}"
             for path in list_source(run.val_dir)[:run.val_images]:
-                x = to_tensor(read_image(path).rgb)[None]  # (1, 3, h, w) in [0, 1]
-                y = pipe(x).clamp(0, 1)  # (1, 3, s·h, s·w)
-                rgb = (y[0] * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-                write_image(folder / f"{Path(path).stem}.png", Picture(rgb))
+                out, _ = pipe.run_picture(read_image(path))
+                write_image(folder / f"{Path(path).stem}.png", out)
+                y = to_tensor(out.rgb)[None]  # (1, 3, s·h, s·w) in [0, 1]
+                rgb = (y[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
                 for tracker in acc.trackers:
                     if tracker.name == "tensorboard":
                         tracker.log_images({f"val/{Path(path).stem}": y.cpu()}, step=step)
