@@ -36,9 +36,10 @@ def build_model(device: str, dtype: torch.dtype, variant: str, tiny: bool = Fals
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from osediff import lora, testing
-    from osediff.checkpoint import OSEDiffWeights
-    from osediff.model import OSEDiffModel, apply_weights
+    from osediff import testing
+    from osediff.core import lora
+    from osediff.core.checkpoint import OSEDiffWeights
+    from osediff.core.model import OSEDiffModel, apply_weights
 
     torch.manual_seed(seed)
     unet_cfg, vae_cfg, text_cfg = ((testing.TINY_UNET, testing.TINY_VAE, testing.TINY_TEXT) if tiny else
@@ -101,8 +102,8 @@ def stage_flops(model, x, opts) -> dict[str, float]:
 
 
 def run_one(cfg: dict) -> dict:
-    from osediff.pipeline import OSEDiffPipeline, SROptions, resolve_dtypes
-    from osediff.tiling import tile_grid
+    from osediff.core.pipeline import OSEDiffPipeline, SROptions, resolve_dtypes
+    from osediff.tiling.latent import tile_grid
 
     device = cfg["device"]
     dtype, vae_dtype = resolve_dtypes(cfg["dtype"], torch.device(device))

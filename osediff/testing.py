@@ -97,8 +97,7 @@ def make_authors_checkpoint(sd_folder: str | os.PathLike, path: str | os.PathLik
     """Write an `osediff.pkl` in the authors' format for the base model in `sd_folder` (spec §3.1)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from osediff import lora
-
+    from osediff.core import lora
     unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(sd_folder, subfolder="vae")
     unet_targets = lora.unet_lora_targets(unet)

@@ -31,6 +31,6 @@ def tiny_ckpt(tiny_sd, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_sd, tiny_ckpt):
-    from osediff.pipeline import OSEDiffPipeline
+    from osediff.core.pipeline import OSEDiffPipeline
 
     return OSEDiffPipeline.from_pretrained(str(tiny_sd), str(tiny_ckpt), device="cpu", dtype="fp32", use_dape=False)

@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from osediff.checkpoint import convert
+    from osediff.core.checkpoint import convert
 
     w = convert(args.src, args.dst)
     n = sum(v.numel() for v in [*w.unet_state.values(), *w.vae_state.values()])

@@ -49,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from osediff.atomic import write_bytes
-    from osediff.degradation import DegradationConfig, degrade
-    from osediff.face_degradation import FaceDegradationConfig, degrade_face
-    from osediff.imageio import Picture, is_image_file, write_image
+    from osediff.degradation.face import FaceDegradationConfig, degrade_face
+    from osediff.degradation.realesrgan import DegradationConfig, degrade
+    from osediff.files.atomic import write_bytes
+    from osediff.files.images import Picture, is_image_file, write_image
 
     log = logging.getLogger("osediff.degrade")
     hq_dir, lq_dir = Path(args.hq_dir), Path(args.lq_dir)

@@ -58,7 +58,7 @@ def _resolve(args: argparse.Namespace) -> tuple[dict, str | None]:
     """The options as a plain dict (written to summary.json), or an error message."""
     from pathlib import Path
 
-    from osediff.evaluate import parse_metrics
+    from osediff.evaluation.evaluate import parse_metrics
 
     reproduce = args.sr is None
     if reproduce and not (args.lr and args.base and args.weights):
@@ -82,12 +82,12 @@ def _run_sr(cfg: dict) -> int:
     """Reproduce mode: super-resolve every image of --lr into <out>/sr with the inference pipeline."""
     import time
 
-    from osediff.evaluate import list_images
+    from osediff.evaluation.evaluate import list_images
 
     try:
-        from osediff.batch import super_resolve_files
+        from osediff.core.batch import super_resolve_files
     except ImportError as e:
-        log.error("cannot run SR: osediff.batch.super_resolve_files is not available (%s)", e)
+        log.error("cannot run SR: osediff.core.batch.super_resolve_files is not available (%s)", e)
         return EXIT_PAIRING
     inputs = [str(p) for p in list_images(cfg["lr"]).values()]
     if not inputs:
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from osediff.evaluate import (
+    from osediff.evaluation.evaluate import (
         PairingError,
         evaluate,
         format_table,
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         import time
 
-        from osediff.report import write_report
+        from osediff.evaluation.report import write_report
 
         t = time.perf_counter()
         write_report(ev, out / "report.html", top_k=args.top_k, crop=args.crop)

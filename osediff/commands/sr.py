@@ -9,7 +9,7 @@ HELP = "super-resolve images (files, folders, globs) into OUTDIR"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from osediff.config import add_dataclass_arguments
-    from osediff.options import DTYPE_CHOICES, SROptions
+    from osediff.core.options import DTYPE_CHOICES, SROptions
 
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
@@ -45,10 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from osediff.batch import collect_inputs, super_resolve_files
     from osediff.config import dataclass_from_args, to_json
-    from osediff.options import SROptions
-    from osediff.weights import MissingWeightsError
+    from osediff.core.batch import collect_inputs, super_resolve_files
+    from osediff.core.options import SROptions
+    from osediff.files.weights import MissingWeightsError
 
     try:
         options = dataclass_from_args(SROptions, args)

@@ -31,7 +31,7 @@ class BatchResult:
 def collect_inputs(inputs: list[str]) -> list[Path]:
     """Expand files, folders (non-recursive, images only, sorted) and glob patterns; keep order, drop repeats.
     A name that matches nothing raises FileNotFoundError."""
-    from osediff.imageio import is_image_file
+    from osediff.files.images import is_image_file
 
     found: list[Path] = []
     for item in inputs:
@@ -83,7 +83,7 @@ def run_batch(pipe, paths: list[Path], output_dir: str | os.PathLike, *, ext: st
     """
     from tqdm import tqdm
 
-    from osediff.imageio import ImageReadError, read_image
+    from osediff.files.images import ImageReadError, read_image
 
     output_dir = Path(output_dir)
     result = BatchResult()
@@ -133,7 +133,7 @@ def run_batch(pipe, paths: list[Path], output_dir: str | os.PathLike, *, ext: st
 
 
 def _run_group(pipe, group: list, output_dir: Path, save_prompts: bool) -> None:
-    from osediff.imageio import write_image
+    from osediff.files.images import write_image
 
     outs = pipe.run_pictures([pic for _, _, pic in group])
     for (src, dst, _), (out, prompt) in zip(group, outs):
@@ -166,8 +166,8 @@ def super_resolve_files(inputs: list[str], output_dir: str, *, base: str | None,
                         suffix: str = "", skip_existing: bool = False, save_prompts: bool = False,
                         batch_size: int = 1, merge: bool = True) -> int:
     """Load the pipeline and super-resolve `inputs` into `output_dir`; returns the exit status (0 = all done)."""
-    from osediff.options import SROptions
-    from osediff.pipeline import OSEDiffPipeline
+    from osediff.core.options import SROptions
+    from osediff.core.pipeline import OSEDiffPipeline
 
     paths = collect_inputs(inputs)
     if device is None and int(os.environ.get("WORLD_SIZE", 1)) > 1 and "LOCAL_RANK" in os.environ:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from osediff.atomic import atomic_path
+from osediff.files.atomic import atomic_path
 
 FORMAT = "osediff"
 FORMAT_VERSION = "1"

@@ -17,9 +17,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from osediff import lora, schedule
-from osediff.checkpoint import OSEDiffWeights, load_weights
-from osediff.tiling import tiled_apply
+from osediff.core import lora, schedule
+from osediff.core.checkpoint import OSEDiffWeights, load_weights
+from osediff.tiling.latent import tiled_apply
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def load_base(base: str, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from osediff.weights import MissingWeightsError, missing_message
+    from osediff.files.weights import MissingWeightsError, missing_message
 
     try:
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
@@ -122,7 +122,7 @@ class OSEDiffModel(nn.Module):
         if max(x.shape[-2:]) <= tile + 2 * _ENC_PAD:
             moments = self.vae.quant_conv(self.vae.encoder(x))
         else:
-            from osediff.tiled_vae import encode_moments
+            from osediff.tiling.vae import encode_moments
 
             moments = encode_moments(self.vae, x, tile=tile, tile_batch=tile_batch, offload=offload)
         mean, logvar = moments.to(self.vae.dtype).chunk(2, dim=1)
@@ -153,7 +153,7 @@ class OSEDiffModel(nn.Module):
         if max(z.shape[-2:]) <= tile + 2 * _DEC_PAD:
             y = self.vae.decoder(self.vae.post_quant_conv(z))
         else:
-            from osediff.tiled_vae import decode_latents
+            from osediff.tiling.vae import decode_latents
 
             y = decode_latents(self.vae, z, tile=tile, tile_batch=tile_batch, offload=offload)
         return y.clamp(-1, 1)

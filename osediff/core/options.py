@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-# values of `--dtype`; `osediff.pipeline.resolve_dtypes` maps them to torch dtypes
+# values of `--dtype`; `osediff.core.pipeline.resolve_dtypes` maps them to torch dtypes
 DTYPE_CHOICES = ("fp32", "fp16", "bf16", "vae-bf16")
 
 

@@ -22,12 +22,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from osediff.colorfix import color_fix
-from osediff.imageio import Picture
-from osediff.model import OSEDiffModel
-from osediff.options import SROptions
-from osediff.prompts import PromptExtractor, build_prompts
-from osediff.resample import guard_size, pad_to_multiple, resize_bicubic
+from osediff.core.colorfix import color_fix
+from osediff.core.model import OSEDiffModel
+from osediff.core.options import SROptions
+from osediff.core.prompts import PromptExtractor, build_prompts
+from osediff.core.resample import guard_size, pad_to_multiple, resize_bicubic
+from osediff.files.images import Picture
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,10 @@ class OSEDiffPipeline:
                         ) -> OSEDiffPipeline:
         """Load SD 2.1-base (`base`: folder or hub id) + OSEDiff `weights` (+ RAM/DAPE when found).
 
-        Each location falls back to its environment variable and the models folder (see `osediff.weights`);
+        Each location falls back to its environment variable and the models folder (see `osediff.files.weights`);
         a missing file raises `MissingWeightsError` saying what to download and where to put it.
         """
-        from osediff import weights as wts
-
+        from osediff.files import weights as wts
         dev = torch.device(device) if device else default_device()
         dt, vae_dt = resolve_dtypes(dtype, dev)
         if dev.type == "cuda" and dt == torch.float32:
@@ -137,7 +136,7 @@ class OSEDiffPipeline:
         if isinstance(image, torch.Tensor):
             return self._tensor(image, prompt)[0]
         if isinstance(image, Image.Image):
-            from osediff.imageio import from_pil, to_pil
+            from osediff.files.images import from_pil, to_pil
 
             out, _ = self.run_picture(from_pil(image), prompt)
             return to_pil(out)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from osediff.degradation import (
+from osediff.degradation.realesrgan import (
     add_gaussian_noise,
     blur,
     config_from_mapping,

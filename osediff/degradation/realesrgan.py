@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from osediff import kernels as K
-from osediff.jpeg import jpeg
+from osediff.degradation import kernels as K
+from osediff.degradation.jpeg import jpeg
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 RESIZE_MODES = ("area", "bilinear", "bicubic")

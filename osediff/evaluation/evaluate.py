@@ -6,7 +6,7 @@ missing file silently shifts every later pair. Here files are paired by stem (`C
 folders), and any missing, extra, duplicated or wrongly sized file stops the evaluation with a list of
 what is wrong: no mean is ever taken over a wrong pairing.
 
-PSNR and SSIM are computed in-house (`osediff.metrics`, the authors' exact protocol). The learned metrics
+PSNR and SSIM are computed in-house (`osediff.evaluation.metrics`, the authors' exact protocol). The learned metrics
 (LPIPS, DISTS, NIQE, MUSIQ, MANIQA-pipal, CLIPIQA, FID) come from pyiqa, the optional extra
 `osediff[eval]`, with the settings of spec §5.1; pyiqa is imported only when one of them is asked for, and
 when it (or a metric's weights) is missing, the in-house metrics still run and the reason is recorded.
@@ -30,8 +30,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from osediff import __version__
-from osediff.imageio import is_image_file
-from osediff.metrics import psnr, ssim
+from osediff.evaluation.metrics import psnr, ssim
+from osediff.files.images import is_image_file
 
 log = logging.getLogger(__name__)
 

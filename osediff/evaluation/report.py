@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from osediff import __version__
-from osediff.evaluate import DATASET_LEVEL, LOWER_IS_BETTER, Evaluation, read_rgb
-from osediff.metrics import rgb_to_y
+from osediff.evaluation.evaluate import DATASET_LEVEL, LOWER_IS_BETTER, Evaluation, read_rgb
+from osediff.evaluation.metrics import rgb_to_y
 
 DISPLAY = 256  # px: crops are shown at this width, nearest-neighbour, so pixels stay visible
 

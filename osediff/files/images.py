@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from osediff.atomic import atomic_path
+from osediff.files.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Tiles that run a network in lockstep: geometry (core + halo boxes, how far wrong values creep in at each
-level) and the driver that pauses every tile at each sync point. Used by `tiled_vae`, which supplies the
+level) and the driver that pauses every tile at each sync point. Used by `osediff.tiling.vae`, which supplies the
 network "programs" and what happens at the sync points (spec §1.6.1, done exactly).
 """
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from osediff.tile_lockstep import Sync, Tile, TileProgram, cdiv, make_tiles, run_lockstep
+from osediff.tiling.lockstep import Sync, Tile, TileProgram, cdiv, make_tiles, run_lockstep
 
 # Reference tile sizes and halos (spec §1.6.1). The halos are used only to decide *when* to tile, so that we
 # tile exactly where the reference does; our own halo comes from the architecture.

@@ -8,7 +8,7 @@
     sample    `TrainImages[(index, seed)]`: decode -> random crop + flip (or, for faces, resize to
               crop² + flips + transposition) -> (3, crop, crop) float in [0, 1]
 
-The degradation is not done here: it runs batched on the training device (`osediff.degradation`). The
+The degradation is not done here: it runs batched on the training device (`osediff.degradation.realesrgan`). The
 reference flips twice (`RandomHorizontalFlip`, then basicsr's `augment` inside the degradation); two independent
 p=0.5 flips are one p=0.5 flip, which is what we draw.
 """
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from osediff.imageio import ImageReadError, is_image_file, read_image
+from osediff.files.images import ImageReadError, is_image_file, read_image
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from osediff import schedule
+from osediff.core import schedule
 from osediff.train import losses as L
 from osediff.train.config import TrainConfig
 from osediff.train.data import (
@@ -181,8 +181,8 @@ class Trainer:
     def make_batch(self, hq: Tensor, paths: list[str], g: torch.Generator) -> Batch:
         """HQ crops (B, 3, H, W) in [0, 1] on the device -> a Batch: LQ by the degradation (spec §4.3), prompts
         from the HQ (spec §4.4: RAM tags joined by ', ', no suffix), embedded by the frozen text encoder."""
-        from osediff.degradation import degrade
-        from osediff.face_degradation import degrade_face
+        from osediff.degradation.face import degrade_face
+        from osediff.degradation.realesrgan import degrade
 
         lq = degrade_face(hq, self.degradation, g) if self.cfg.data.face else degrade(hq, self.degradation, g)
         prompts = self.prompts(hq, paths)
@@ -292,14 +292,14 @@ class Trainer:
     def _degradation(self):
         d = self.cfg.data
         if d.face:
-            from osediff.face_degradation import FaceDegradationConfig
+            from osediff.degradation.face import FaceDegradationConfig
 
             cfg = FaceDegradationConfig.from_yaml(d.degradation) if d.degradation else FaceDegradationConfig()
             if d.crop <= cfg.blur_kernel_size // 2:
                 raise ValueError(f"--crop {d.crop} is too small for the face degradation's "
                                  f"{cfg.blur_kernel_size}-tap blur")
             return cfg
-        from osediff.degradation import DegradationConfig, check_input
+        from osediff.degradation.realesrgan import DegradationConfig, check_input
 
         cfg = DegradationConfig.from_yaml(d.degradation) if d.degradation else DegradationConfig()
 
@@ -322,7 +322,7 @@ class Trainer:
         if lc.lambda_lpips == 0:
             return None
         if given is None:
-            from osediff.lpips import LPIPS
+            from osediff.evaluation.lpips import LPIPS
 
             with self.acc.main_process_first():  # one download into the shared cache, not one per process
                 given = LPIPS.from_files(lc.lpips_vgg, lc.lpips_lin)
@@ -357,7 +357,7 @@ class Trainer:
         """checkpoints/step_NNNNNNN/ = model_N.pkl (authors' format, spec §3.1) + model_N.safetensors (ours) +
         state/ (accelerate: trainable tensors, optimisers, scaler, RNGs, step and data position). Written in a
         hidden temporary folder and renamed, so a checkpoint folder is always complete; the last K are kept."""
-        from osediff.checkpoint import save_authors_pkl, save_safetensors
+        from osediff.core.checkpoint import save_authors_pkl, save_safetensors
 
         acc, step = self.acc, self.state.step
         root = self.out / "checkpoints"
@@ -460,8 +460,8 @@ class Trainer:
         """Super-resolve the first `val_images` LR images of `val_dir` with the current generator through the
         same per-file path as `osediff sr` (so the PNGs are what inference would write), to val/step_NNNNNNN/
         and to the tracker."""
-        from osediff.imageio import read_image, write_image
-        from osediff.pipeline import OSEDiffPipeline, SROptions
+        from osediff.core.pipeline import OSEDiffPipeline, SROptions
+        from osediff.files.images import read_image, write_image
 
         acc, run, step = self.acc, self.cfg.run, self.state.step
         if acc.is_main_process:

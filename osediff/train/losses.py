@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from osediff.schedule import add_noise, x0_from_eps
+from osediff.core.schedule import add_noise, x0_from_eps
 
 Score = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z_t (B,4,h,w), t (B,) long, c (B,77,D)) -> ε (B,4,h,w)
 

@@ -19,9 +19,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from osediff import lora
-from osediff.checkpoint import OSEDiffWeights
-from osediff.model import OSEDiffModel, load_base
+from osediff.core import lora
+from osediff.core.checkpoint import OSEDiffWeights
+from osediff.core.model import OSEDiffModel, load_base
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -141,7 +141,7 @@ def test_convert_command(tmp_path, tiny_ckpt, capsys):
 
 
 def test_processes_share_the_inputs_without_overlap(tmp_path, monkeypatch):
-    from osediff.batch import collect_inputs, shard
+    from osediff.core.batch import collect_inputs, shard
 
     for i in range(5):
         Image.fromarray(_rgb(8, 8, i)).save(tmp_path / f"{i}.png")
@@ -177,7 +177,7 @@ def test_batches_give_the_same_images_and_isolate_failures(tmp_path, args, monke
         b = np.asarray(Image.open(tmp_path / "four" / name)).astype(int)
         assert np.abs(a - b).max() <= 2 and (a != b).mean() < 0.01, name
 
-    from osediff.pipeline import OSEDiffPipeline
+    from osediff.core.pipeline import OSEDiffPipeline
 
     original = OSEDiffPipeline.run_pictures
 

@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from osediff.checkpoint import convert, load_weights, save_authors_pkl
+from osediff.core.checkpoint import convert, load_weights, save_authors_pkl
 
 
 def test_authors_pkl_is_read_with_its_exact_layout(tiny_ckpt):
@@ -38,7 +38,7 @@ def test_round_trip_pkl_safetensors_pkl_is_lossless(tiny_ckpt, tmp_path):
 
 
 def test_safetensors_and_pkl_give_the_same_model(tiny_sd, tiny_ckpt, tmp_path):
-    from osediff.model import OSEDiffModel
+    from osediff.core.model import OSEDiffModel
 
     st = tmp_path / "o.safetensors"
     convert(tiny_ckpt, st)

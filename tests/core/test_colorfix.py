@@ -1,6 +1,6 @@
 import torch
 
-from osediff.colorfix import adain, color_fix, wavelet, wavelet_decompose
+from osediff.core.colorfix import adain, color_fix, wavelet, wavelet_decompose
 
 
 def test_adain_matches_hand_computed_values():
@@ -35,7 +35,7 @@ def test_wavelet_decomposition_reconstructs_and_transfers_low_frequencies():
 
 
 def test_wavelet_blur_is_the_binomial_kernel_with_replicate_padding():
-    from osediff.colorfix import _blur
+    from osediff.core.colorfix import _blur
 
     x = torch.zeros(1, 1, 5, 5)
     x[0, 0, 2, 2] = 16

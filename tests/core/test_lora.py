@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import SHARED
 
-from osediff import lora
+from osediff.core import lora
 
 SPEC = SHARED / "spec" / "osediff.md"
 
@@ -90,7 +90,7 @@ def test_lora_delta_equals_peft_conv_formula():
 
 
 def test_merged_equals_unmerged(tiny_sd, tiny_ckpt):
-    from osediff.model import OSEDiffModel
+    from osediff.core.model import OSEDiffModel
 
     merged = OSEDiffModel.from_pretrained(str(tiny_sd), str(tiny_ckpt), merge=True)
     unmerged = OSEDiffModel.from_pretrained(str(tiny_sd), str(tiny_ckpt), merge=False)

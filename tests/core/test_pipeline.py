@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from osediff.pipeline import OSEDiffPipeline, SROptions
+from osediff.core.pipeline import OSEDiffPipeline, SROptions
 
 
 def _rand_image(w, h, seed=0, mode="RGB"):
@@ -141,7 +141,7 @@ def test_prompts_come_from_the_extractor_and_are_encoded_once(tiny_pipe):
     try:
         model._cache.clear()
         img = _rand_image(16, 16)
-        from osediff.imageio import Picture
+        from osediff.files.images import Picture
 
         _, prompt = pipe.run_picture(Picture(np.asarray(img)))
         pipe.run_picture(Picture(np.asarray(img)))
@@ -153,7 +153,7 @@ def test_prompts_come_from_the_extractor_and_are_encoded_once(tiny_pipe):
 
 
 def test_prompt_format():
-    from osediff.prompts import format_prompt
+    from osediff.core.prompts import format_prompt
 
     assert format_prompt("") == ", ,"
     assert format_prompt("sky") == "sky, ,"

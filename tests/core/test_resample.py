@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from osediff.resample import guard_size, pad_to_multiple, resize_bicubic
+from osediff.core.resample import guard_size, pad_to_multiple, resize_bicubic
 
 
 @pytest.mark.parametrize("h,w,oh,ow", [(13, 17, 52, 68), (32, 32, 128, 128), (40, 30, 13, 11), (5, 7, 9, 21), (1, 3, 4, 12)])

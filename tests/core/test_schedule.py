@@ -1,6 +1,6 @@
 import torch
 
-from osediff import schedule
+from osediff.core import schedule
 
 
 def test_constants_match_spec():

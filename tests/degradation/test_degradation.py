@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from osediff import kernels as K
-from osediff.degradation import (
+from osediff.degradation import kernels as K
+from osediff.degradation.face import FaceDegradationConfig, degrade_face
+from osediff.degradation.jpeg import dct_matrix, jpeg
+from osediff.degradation.realesrgan import (
     DOWN,
     KEEP,
     UP,
@@ -26,8 +28,6 @@ from osediff.degradation import (
     sample_degradation,
     sample_mixed_kernels,
 )
-from osediff.face_degradation import FaceDegradationConfig, degrade_face
-from osediff.jpeg import dct_matrix, jpeg
 
 CFG = DegradationConfig()
 

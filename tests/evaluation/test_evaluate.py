@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from osediff.commands import evaluate as command
-from osediff.evaluate import (
+from osediff.evaluation.evaluate import (
     ALL_METRICS,
     Pair,
     PairingError,
@@ -27,9 +27,9 @@ from osediff.evaluate import (
     parse_metrics,
     read_rgb,
 )
-from osediff.report import render_report, worst_window
+from osediff.evaluation.report import render_report, worst_window
 
-REALSR = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "realsr"
+REALSR = Path(__file__).resolve().parents[3] / "shared" / "benchmarks" / "realsr"
 
 
 def save(path: Path, seed: int, size=(24, 20)) -> Path:
@@ -239,7 +239,7 @@ def test_benchmark_subset_end_to_end_matches_the_log(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- reproduce mode
 def fake_batch(monkeypatch, rc: int = 0) -> list[dict]:
-    """Install a fake `osediff.batch` whose super_resolve_files upsamples each LR image 4x with PIL."""
+    """Install a fake `osediff.core.batch` whose super_resolve_files upsamples each LR image 4x with PIL."""
     calls: list[dict] = []
 
     def super_resolve_files(inputs, output_dir, *, base, weights, dape=None, ram=None, device=None, dtype=None):
@@ -251,9 +251,9 @@ def fake_batch(monkeypatch, rc: int = 0) -> list[dict]:
                 im.resize((im.width * 4, im.height * 4), Image.BICUBIC).save(Path(output_dir) / (Path(p).stem + ".png"))
         return rc
 
-    module = types.ModuleType("osediff.batch")
+    module = types.ModuleType("osediff.core.batch")
     module.super_resolve_files = super_resolve_files
-    monkeypatch.setitem(sys.modules, "osediff.batch", module)
+    monkeypatch.setitem(sys.modules, "osediff.core.batch", module)
     return calls
 
 

@@ -7,8 +7,8 @@ import urllib.error
 import pytest
 import torch
 
-from osediff import lpips as L
-from osediff.lpips import LPIPS, scale_input, unit_normalise
+from osediff.evaluation import lpips as L
+from osediff.evaluation.lpips import LPIPS, scale_input, unit_normalise
 
 CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # conv layers of torchvision's vgg16.features
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from osediff.evaluate import read_rgb
-from osediff.metrics import EPS, _filter_valid, gaussian_window, psnr, rgb_to_y, ssim, ssim_map
+from osediff.evaluation.evaluate import read_rgb
+from osediff.evaluation.metrics import EPS, _filter_valid, gaussian_window, psnr, rgb_to_y, ssim, ssim_map
 
-REALSR = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "realsr"
+REALSR = Path(__file__).resolve().parents[3] / "shared" / "benchmarks" / "realsr"
 LOG_LINE = re.compile(r"results_osediff/(\S+)\.png \| PSNR: ([\d.]+); SSIM: ([\d.]+);")
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from osediff.imageio import ImageReadError, Picture, read_image, write_image
+from osediff.files.images import ImageReadError, Picture, read_image, write_image
 
 
 def test_modes_become_rgb(tmp_path):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from osediff import tiled_vae as tv
-from osediff.tile_lockstep import spans
-from osediff.tiled_vae import decode_latents, decoder_halo, encode_moments, encoder_halo
+from osediff.tiling import vae as tv
+from osediff.tiling.lockstep import spans
+from osediff.tiling.vae import decode_latents, decoder_halo, encode_moments, encoder_halo
 
 BLOCKS = 4  # SD layout: 3 downsamples, latents are /8
 

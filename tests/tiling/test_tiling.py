@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from osediff.tiling import gaussian_weights, tile_grid, tile_starts, tiled_apply
+from osediff.tiling.latent import gaussian_weights, tile_grid, tile_starts, tiled_apply
 
 
 def test_gaussian_weights_formula_and_asymmetric_midpoints():

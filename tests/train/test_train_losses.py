@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from osediff import schedule
+from osediff.core import schedule
 from osediff.train import losses as L
 
 

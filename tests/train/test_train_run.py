@@ -92,9 +92,9 @@ def test_run_folder_layout(trained):
 
 
 def test_checkpoint_loads_into_the_inference_pipeline(trained, tiny_sd):
-    from osediff.checkpoint import load_weights
-    from osediff.model import OSEDiffModel
-    from osediff.pipeline import OSEDiffPipeline
+    from osediff.core.checkpoint import load_weights
+    from osediff.core.model import OSEDiffModel
+    from osediff.core.pipeline import OSEDiffPipeline
 
     ck = checkpoint_dirs(trained.out)[0]
     raw = torch.load(ck / "model_2.pkl", map_location="cpu", weights_only=True)  # the authors' format, §3.1

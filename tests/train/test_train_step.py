@@ -49,7 +49,7 @@ def tiny_config(sd: Path, data: str, out: Path, *, data_kw=None, model_kw=None, 
 
 
 def random_lpips():
-    from osediff.lpips import LPIPS
+    from osediff.evaluation.lpips import LPIPS
 
     torch.manual_seed(0)
     m = LPIPS()
@@ -102,8 +102,7 @@ def fixed_batch(tr, seed=0, with_raw=False):
 
 
 def test_trainable_set_is_lora_and_conv_in(trainer):
-    from osediff import lora
-
+    from osediff.core import lora
     m = trainer.model
     names = {n for n, p in trainer.nets.generator.named_parameters() if p.requires_grad}
     expected = {f"model.unet.{n}" for n, _ in m.unet.named_parameters() if "lora_" in n}
