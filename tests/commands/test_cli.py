@@ -3,6 +3,7 @@
 import functools
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,10 +110,22 @@ def test_dry_run_prints_resolved_options(tmp_path, capsys):
     assert '"color_fix": "wavelet"' in out and "a.png" in out
 
 
-def test_dape_prompts_end_to_end(tmp_path, args, monkeypatch):
-    import test_dape
+def _test_dape():
+    """tests/dape/test_dape.py's tiny RAM builders (the module pytest imported, or loaded from its file)."""
+    import importlib.util
+    import sys
 
+    if "test_dape" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("test_dape", Path(__file__).parents[1] / "dape" / "test_dape.py")
+        sys.modules["test_dape"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["test_dape"]
+
+
+def test_dape_prompts_end_to_end(tmp_path, args, monkeypatch):
     from osediff.dape import RAMTagger
+
+    test_dape = _test_dape()
 
     weights = test_dape.random_weights(0)
     ram = test_dape.save_ram(tmp_path, test_dape.published(weights))
