@@ -216,8 +216,9 @@ def test_progress_reports_each_stage_in_order_and_can_abort(tiny_pipe):
     """`progress` hears every stage once, in recipe order, and the UNet once per tile; raising in it aborts."""
     from osediff.tiling.latent import tile_grid
 
-    pipe = tiny_pipe.with_options(tile=8, tile_overlap=2)  # a 64² input -> 256² -> a 32² latent, tiled
-    n = len(tile_grid(32, 32, 8, 2)[2])
+    pipe = tiny_pipe.with_options(tile=8, tile_overlap=2)  # a 64² input -> 256² -> a latent of several tiles
+    side = 256 // 2 ** (len(tiny_pipe.model.vae.config.block_out_channels) - 1)
+    n = len(tile_grid(side, side, 8, 2)[2])
     assert n > 1
     calls = []
     out = pipe(_rand_image(64, 64), progress=lambda stage, done, total: calls.append((stage, done, total)))
