@@ -216,7 +216,8 @@ def test_progress_reports_each_stage_in_order_and_can_abort(tiny_pipe):
     """`progress` hears every stage once, in recipe order, and the UNet once per tile; raising in it aborts."""
     from osediff.tiling.latent import tile_grid
 
-    pipe = tiny_pipe.with_options(tile=8, tile_overlap=2)  # a 64² input -> 256² -> a latent of several tiles
+    # a 64² input -> 256² (no small-input guard at process_size 256) -> a latent of several tiles
+    pipe = tiny_pipe.with_options(tile=8, tile_overlap=2, process_size=256)
     side = 256 // 2 ** (len(tiny_pipe.model.vae.config.block_out_channels) - 1)
     n = len(tile_grid(side, side, 8, 2)[2])
     assert n > 1
