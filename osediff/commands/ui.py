@@ -38,8 +38,10 @@ def exposure_warnings(host: str, share: bool) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local tool does not phone home unasked
     try:
         import gradio  # noqa: F401
     except ImportError:

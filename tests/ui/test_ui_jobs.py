@@ -172,3 +172,24 @@ def test_picture_helper_shapes():
     pic = Picture(np.full((4, 5, 3), 65535, np.uint16))
     im = _bicubic(pic, (10, 8))
     assert im.size == (10, 8) and im.mode == "RGB" and np.asarray(im).max() == 255
+
+
+def test_osediff_ui_reports_missing_weights_before_any_server_starts(tmp_path, monkeypatch, caplog):
+    from osediff.cli import main
+
+    monkeypatch.setenv("OSEDIFF_MODELS", str(tmp_path / "models"))
+    started = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda *a, **k: started.append(1))
+    assert main(["ui", "--weights", str(tmp_path / "nope.pkl"), "--base", str(tmp_path / "nosd")]) == 2
+    assert not started and ("nosd" in caplog.text or "nope.pkl" in caplog.text)
+
+
+def test_osediff_ui_loads_once_and_launches_on_localhost(tiny_sd, tiny_ckpt, monkeypatch):
+    from osediff.cli import main
+
+    launched = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **k: launched.append(k))
+    assert main(["ui", "--base", str(tiny_sd), "--weights", str(tiny_ckpt), "--no-dape", "--device", "cpu",
+                 "--dtype", "fp32", "--max-file-mb", "7"]) == 0
+    assert launched == [dict(server_name="127.0.0.1", server_port=7860, share=False, max_file_size="7mb",
+                             allowed_paths=launched[0]["allowed_paths"])]
