@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from osediff.commands import convert, degrade, evaluate, sr, train
+from osediff.commands import convert, degrade, evaluate, sr, train, ui
 
 COMMANDS = {
     "sr": sr,
@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": evaluate,
     "train": train,
     "degrade": degrade,
+    "ui": ui,
 }
 
 

@@ -12,13 +12,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "osediff"
 # The root `__init__` is the facade: anyone may read `__version__` from it, and its lazy exports
 # (`OSEDiffPipeline`, `OSEDiffModel`) reach down into `core`, so it is checked by neither rule.
 LAYERS = {
-    "osediff": 8,
+    "osediff": 9,
     "files": 0, "config": 0, "tiling": 0, "degradation": 0,
     "dape": 1,
     "core": 2,
     "evaluation": 3,
     "train": 4, "testing": 4,
-    "commands": 5, "cli": 6, "__main__": 7,
+    "ui": 5,
+    "commands": 6, "cli": 7, "__main__": 8,
 }
 
 

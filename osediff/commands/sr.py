@@ -7,12 +7,10 @@ import argparse
 HELP = "super-resolve images (files, folders, globs) into OUTDIR"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from osediff.config import add_dataclass_arguments
-    from osediff.core.options import DTYPE_CHOICES, SROptions
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that say which weights to load and where to run them (shared by `osediff sr` and `osediff ui`)."""
+    from osediff.core.options import DTYPE_CHOICES
 
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     p.add_argument("--base", help="SD 2.1-base diffusers folder or hub id (env OSEDIFF_BASE)")
     p.add_argument("--weights", help="osediff.pkl or .safetensors (env OSEDIFF_WEIGHTS)")
     p.add_argument("--ram", help="ram_swin_large_14m.pth (env OSEDIFF_RAM)")
@@ -24,6 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help="default: fp16 on cuda/mps, fp32 on cpu; vae-bf16 = VAE in bf16, rest fp32 (fast on "
                         "AVX512-BF16 CPUs, close to fp32)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from osediff.config import add_dataclass_arguments
+    from osediff.core.options import SROptions
+
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    add_model_arguments(p)
     p.add_argument("--ext", default="png", help="output format: png (default), jpg, webp, ..., or auto (= input's)")
     p.add_argument("--suffix", default="", help="appended to output names: <stem>_<suffix>.<ext>")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists (resume)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -22,6 +23,10 @@ from osediff.core.checkpoint import OSEDiffWeights, load_weights
 from osediff.tiling.latent import tiled_apply
 
 log = logging.getLogger(__name__)
+
+# `progress(stage, done, total)`: called as each stage starts ("encode", "unet" once per tile batch, "decode");
+# front-ends use it for progress bars, stage timings and cancellation (an exception raised in it aborts the run).
+Progress = Callable[[str, int, int], None]
 
 # Sizes up to which the VAE runs untiled: the reference's thresholds (tile + 2·pad, spec §1.6, §1.9).
 _ENC_PAD, _DEC_PAD = 32, 11
@@ -133,7 +138,7 @@ class OSEDiffModel(nn.Module):
         return z * schedule.VAE_SCALING
 
     def denoise(self, z: torch.Tensor, prompt_embeds: torch.Tensor, *, tile: int = 96, overlap: int = 32,
-                tile_batch: int = 1) -> torch.Tensor:
+                tile_batch: int = 1, on_tile: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """One UNet step at t=999 and the closed-form x0 (spec §1.7, §1.8): (B,4,h,w) -> float32 (B,4,h,w)."""
         b = z.shape[0]
 
@@ -143,7 +148,7 @@ class OSEDiffModel(nn.Module):
             t = torch.full((tiles.shape[0],), schedule.TIMESTEP, device=tiles.device, dtype=torch.long)
             return self.unet(tiles.to(self.dtype), t, encoder_hidden_states=c).sample
 
-        eps = tiled_apply(eps_fn, z, tile, overlap, tile_batch)
+        eps = tiled_apply(eps_fn, z, tile, overlap, tile_batch, on_tile)
         return schedule.x0_from_eps(z, eps, self.alpha_bar)
 
     def decode(self, z0: torch.Tensor, *, tile: int = 224, tile_batch: int = 1,
@@ -161,14 +166,18 @@ class OSEDiffModel(nn.Module):
     def forward(self, x: torch.Tensor, prompt_embeds: torch.Tensor, *, sample: bool = False,
                 generator: torch.Generator | None = None, tile: int = 96, tile_overlap: int = 32,
                 tile_batch: int = 1, vae_encoder_tile: int = 1024, vae_decoder_tile: int = 224,
-                vae_offload: str | None = None) -> torch.Tensor:
+                vae_offload: str | None = None, progress: Progress | None = None) -> torch.Tensor:
         """x (B,3,H,W) in [-1,1] (H, W multiples of 8), prompt_embeds (B,77,D) -> SR image (B,3,H,W) in [-1,1].
 
         `vae_offload="cpu"` parks the tiled VAE's per-tile state in host memory between layers (large images on
-        small GPUs; slower)."""
+        small GPUs; slower). `progress` is told when each stage starts (see `Progress`)."""
+        report = progress or (lambda stage, done, total: None)
+        report("encode", 0, 1)
         z = self.encode(x, sample=sample, generator=generator, tile=vae_encoder_tile, tile_batch=tile_batch,
                         offload=vae_offload)
-        z0 = self.denoise(z, prompt_embeds.to(self.dtype), tile=tile, overlap=tile_overlap, tile_batch=tile_batch)
+        z0 = self.denoise(z, prompt_embeds.to(self.dtype), tile=tile, overlap=tile_overlap, tile_batch=tile_batch,
+                          on_tile=lambda done, total: report("unet", done, total))
+        report("decode", 0, 1)
         return self.decode(z0, tile=vae_decoder_tile, tile_batch=tile_batch, offload=vae_offload)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from osediff.core.colorfix import color_fix
-from osediff.core.model import OSEDiffModel
+from osediff.core.model import OSEDiffModel, Progress
 from osediff.core.options import SROptions
 from osediff.core.prompts import PromptExtractor, build_prompts
 from osediff.core.resample import guard_size, pad_to_multiple, resize_bicubic
@@ -130,33 +130,36 @@ class OSEDiffPipeline:
 
     # --- public call ----------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def __call__(self, image, prompt: str | None = None):
+    def __call__(self, image, prompt: str | None = None, *, progress: Progress | None = None):
+        """`progress(stage, done, total)` is told as each stage starts: "tags", "encode", "unet" (per tile
+        batch), "decode", "color_fix"; an exception raised in it aborts the run (a front-end's cancel)."""
         from PIL import Image
 
         if isinstance(image, torch.Tensor):
-            return self._tensor(image, prompt)[0]
+            return self._tensor(image, prompt, progress)[0]
         if isinstance(image, Image.Image):
             from osediff.files.images import from_pil, to_pil
 
-            out, _ = self.run_picture(from_pil(image), prompt)
+            out, _ = self.run_picture(from_pil(image), prompt, progress=progress)
             return to_pil(out)
         if isinstance(image, np.ndarray):
-            return self._numpy(image, prompt)
+            return self._numpy(image, prompt, progress)
         raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
 
     # --- entry points by input kind -----------------------------------------------------------------------
-    def _numpy(self, a: np.ndarray, prompt: str | None):
+    def _numpy(self, a: np.ndarray, prompt: str | None, progress: Progress | None = None):
         if a.dtype in (np.uint8, np.uint16):
             rgb = a[..., :3] if a.ndim == 3 else a
             rgb = np.repeat(rgb[..., None], 3, axis=2) if rgb.ndim == 2 else (
                 np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb)
             alpha = a[..., 3] if a.ndim == 3 and a.shape[2] == 4 else None
-            out, _ = self.run_picture(Picture(np.ascontiguousarray(rgb), alpha), prompt)
+            out, _ = self.run_picture(Picture(np.ascontiguousarray(rgb), alpha), prompt, progress=progress)
             return out.rgb if out.alpha is None else np.dstack([out.rgb, out.alpha])
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).permute(2, 0, 1)[None]
-        return self._tensor(t, prompt)[0][0].permute(1, 2, 0).numpy()
+        return self._tensor(t, prompt, progress)[0][0].permute(1, 2, 0).numpy()
 
-    def _tensor(self, x: torch.Tensor, prompt: str | None) -> tuple[torch.Tensor, list[str]]:
+    def _tensor(self, x: torch.Tensor, prompt: str | None, progress: Progress | None = None,
+                ) -> tuple[torch.Tensor, list[str]]:
         """(B,3,H,W) float [0,1] -> ((B,3,sH,sW) float [0,1] on x's device, prompts); float path throughout."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B,3,H,W) tensor, got shape {tuple(x.shape)}")
@@ -168,18 +171,20 @@ class OSEDiffPipeline:
         if guard:
             xd = resize_bicubic(xd, (guard[1], guard[0]))
         x_up = resize_bicubic(xd, (xd.shape[-2] * s, xd.shape[-1] * s)).clamp(0, 1)
-        out, prompts = self._restore(x_up, prompt, quantize=False)
+        out, prompts = self._restore(x_up, prompt, quantize=False, progress=progress)
         if guard:
             out = resize_bicubic(out, (h0 * s, w0 * s)).clamp(0, 1)
         return out.to(x.device), prompts
 
-    def run_picture(self, pic: Picture, prompt: str | None = None) -> tuple[Picture, str]:
+    def run_picture(self, pic: Picture, prompt: str | None = None, *, progress: Progress | None = None,
+                    ) -> tuple[Picture, str]:
         """A decoded file in, its SR out (+ the prompt used). 8-bit images follow the reference bit for bit
         (PIL resizes, floor quantisation); 16-bit images take the float path and stay 16-bit."""
-        return self.run_pictures([pic], prompt)[0]
+        return self.run_pictures([pic], prompt, progress=progress)[0]
 
     @torch.inference_mode()
-    def run_pictures(self, pics: list[Picture], prompt: str | None = None) -> list[tuple[Picture, str]]:
+    def run_pictures(self, pics: list[Picture], prompt: str | None = None, *, progress: Progress | None = None,
+                     ) -> list[tuple[Picture, str]]:
         """`run_picture` for several pictures of one size and bit depth, run through the networks as one batch
         (the same results as one at a time, up to float rounding; with `sample_latent` the noise differs)."""
         from PIL import Image
@@ -199,7 +204,7 @@ class OSEDiffPipeline:
                 ups.append(np.array(im.resize((im.width * s, im.height * s), Image.BICUBIC)))
             # contiguous NCHW like ToTensor: a channels-last view would select other conv kernels (other rounding)
             x_up = torch.from_numpy(np.stack(ups)).permute(0, 3, 1, 2).contiguous().float().div(255)
-            out, prompts = self._restore(x_up.to(self.model.device), prompt, quantize=True)
+            out, prompts = self._restore(x_up.to(self.model.device), prompt, quantize=True, progress=progress)
             rgbs = list(out.permute(0, 2, 3, 1).cpu().numpy())
             if guard:
                 rgbs = [np.asarray(Image.fromarray(r, "RGB").resize((w0 * s, h0 * s), Image.BICUBIC)) for r in rgbs]
@@ -207,7 +212,7 @@ class OSEDiffPipeline:
                       np.asarray(Image.fromarray(p.alpha, "L").resize((w0 * s, h0 * s), Image.BICUBIC)) for p in pics]
         else:
             x = torch.from_numpy(np.stack([p.rgb for p in pics]).astype(np.float32) / 65535).permute(0, 3, 1, 2)
-            out, prompts = self._tensor(x, prompt)
+            out, prompts = self._tensor(x, prompt, progress)
             rgbs = list((out.permute(0, 2, 3, 1).cpu().numpy() * 65535).round().astype(np.uint16))
             alphas = []
             for p in pics:
@@ -219,12 +224,15 @@ class OSEDiffPipeline:
         return [(Picture(np.ascontiguousarray(r), a), pr) for r, a, pr in zip(rgbs, alphas, prompts)]
 
     # --- the model part -----------------------------------------------------------------------------------
-    def _restore(self, x_up: torch.Tensor, prompt: str | None, quantize: bool) -> tuple[torch.Tensor, list[str]]:
+    def _restore(self, x_up: torch.Tensor, prompt: str | None, quantize: bool, progress: Progress | None = None,
+                 ) -> tuple[torch.Tensor, list[str]]:
         """Steps 3–6: upscaled (B,3,H,W) [0,1] -> SR (B,3,H,W) and the prompts used. The SR image is float32
         in [0,1], or with `quantize` uint8 after the reference's floor / colour fix / floor (spec §1.10)."""
         o, m = self.options, self.model
         x_up = x_up.contiguous()
+        report = progress or (lambda stage, done, total: None)
         x, (h, w) = pad_to_multiple(x_up, 8)
+        report("tags", 0, 1)
         prompts = build_prompts(x_up, self.extractor, o.prompt if prompt is None else prompt)
         generator = None
         if o.sample_latent:
@@ -236,7 +244,8 @@ class OSEDiffPipeline:
                 generator.seed()
         y = m(x * 2 - 1, m.encode_text(prompts), sample=o.sample_latent, generator=generator, tile=o.tile,
               tile_overlap=o.tile_overlap, tile_batch=o.tile_batch, vae_encoder_tile=o.vae_encoder_tile,
-              vae_decoder_tile=o.vae_decoder_tile, vae_offload="cpu" if o.vae_offload else None)
+              vae_decoder_tile=o.vae_decoder_tile, vae_offload="cpu" if o.vae_offload else None, progress=progress)
+        report("color_fix", 0, 1)
         y01 = y[..., :h, :w] * 0.5 + 0.5
         if not quantize:
             return color_fix(y01.float(), x_up, o.color_fix), prompts

@@ -52,16 +52,19 @@ def tile_grid(h: int, w: int, tile: int, overlap: int) -> tuple[int, int, list[t
 
 
 def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, tile: int, overlap: int,
-                tile_batch: int = 1) -> torch.Tensor:
+                tile_batch: int = 1, on_tile: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Apply `fn` ((N,C,th,tw) -> (N,C,th,tw)) over a Gaussian-blended tile grid of z (B,C,h,w); returns fp32.
 
     Untiled (a single direct call, cast to fp32) when h·w ≤ tile². Products with the float64 weights are
     added into fp32 buffers, tile by tile in the reference's order, so the result rounds as the reference's.
-    `tile_batch` tiles are concatenated along the batch axis per call of `fn`.
+    `tile_batch` tiles are concatenated along the batch axis per call of `fn`. `on_tile(done, total)` is called
+    before each call of `fn`, with the number of tiles done so far and the total (progress reports).
     """
     b, _, h, w = z.shape
     th, tw, origins = tile_grid(h, w, tile, overlap)
     if len(origins) == 1 and (th, tw) == (h, w):
+        if on_tile is not None:
+            on_tile(0, 1)
         return fn(z).float()
     # float64 like the reference's products (MPS has no float64: float32 there)
     weight = gaussian_weights(tw, th).to(z.device, torch.float32 if z.device.type == "mps" else torch.float64)
@@ -69,6 +72,8 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, til
     den = torch.zeros((1, 1, h, w), dtype=torch.float32, device=z.device)
     for i in range(0, len(origins), tile_batch):
         chunk = origins[i:i + tile_batch]
+        if on_tile is not None:
+            on_tile(i, len(origins))
         out = fn(torch.cat([z[:, :, y:y + th, x:x + tw] for y, x in chunk]))
         for k, (y, x) in enumerate(chunk):
             num[:, :, y:y + th, x:x + tw] += out[k * b:(k + 1) * b] * weight

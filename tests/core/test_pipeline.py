@@ -210,3 +210,35 @@ def test_torch_compile_computes_the_same_function(tiny_sd, tiny_ckpt, tiny_pipe)
     pipe = OSEDiffPipeline.from_pretrained(str(tiny_sd), str(tiny_ckpt), device="cpu", use_dape=False)
     pipe.model.optimize(compile=True)
     assert (pipe(x) - tiny_pipe(x)).abs().max() < 1e-4
+
+
+def test_progress_reports_each_stage_in_order_and_can_abort(tiny_pipe):
+    """`progress` hears every stage once, in recipe order, and the UNet once per tile; raising in it aborts."""
+    from osediff.tiling.latent import tile_grid
+
+    # a 64² input -> 256² (no small-input guard at process_size 256) -> a latent of several tiles
+    pipe = tiny_pipe.with_options(tile=8, tile_overlap=2, process_size=256)
+    side = 256 // 2 ** (len(tiny_pipe.model.vae.config.block_out_channels) - 1)
+    n = len(tile_grid(side, side, 8, 2)[2])
+    assert n > 1
+    calls = []
+    out = pipe(_rand_image(64, 64), progress=lambda stage, done, total: calls.append((stage, done, total)))
+    assert out.size == (256, 256)
+    stages = [c[0] for c in calls]
+    assert stages[:2] == ["tags", "encode"] and stages[-2:] == ["decode", "color_fix"]
+    unet = [c for c in calls if c[0] == "unet"]
+    assert [d for _, d, _ in unet] == list(range(n)) and {t for *_, t in unet} == {n}
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_unet(stage, done, total):
+        if stage == "unet" and done == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipe(_rand_image(64, 64), progress=stop_at_unet)
+    # an untiled tensor call reports one UNet step
+    calls.clear()
+    tiny_pipe(torch.rand(1, 3, 16, 16), progress=lambda *a: calls.append(a))
+    assert [c for c in calls if c[0] == "unet"] == [("unet", 0, 1)]
