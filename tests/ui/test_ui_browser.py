@@ -175,6 +175,16 @@ def test_upload_upscale_compare_steer_download_and_survive_a_broken_file(page, t
     assert seen[-1] == "dog, grass, ,"  # a new image: DAPE reads its tags again
 
 
+def _open_upload_and_upscale(driver, url, src):
+    from selenium.webdriver.common.by import By
+
+    driver.get(url)
+    _wait(lambda: driver.find_element(By.ID, "upscale").is_displayed())
+    _upload(driver, src)
+    _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#input-image img"))
+    driver.find_element(By.ID, "upscale").click()
+
+
 def test_a_second_job_waits_in_the_queue_and_cancel_frees_the_device(page, tmp_path):
     """Two tabs: the second job shows its place in the queue while the first runs; Cancel stops the first
     (at its next stage) and the second then runs."""
@@ -186,19 +196,11 @@ def test_a_second_job_waits_in_the_queue_and_cancel_frees_the_device(page, tmp_p
     slow.append(4.0)
     try:
         first = driver.current_window_handle
-        driver.get(url)
-        _wait(lambda: driver.find_element(By.ID, "upscale").is_displayed())
-        _upload(driver, src)
-        _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#input-image img"))
-        driver.find_element(By.ID, "upscale").click()
+        _open_upload_and_upscale(driver, url, src)
         _wait(lambda: runner.running_for is not None, 30, "the first job to start")
         driver.switch_to.new_window("tab")
         second = driver.current_window_handle
-        driver.get(url)
-        _wait(lambda: driver.find_element(By.ID, "upscale").is_displayed())
-        _upload(driver, src)
-        _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#input-image img"))
-        driver.find_element(By.ID, "upscale").click()
+        _open_upload_and_upscale(driver, url, src)
         _wait(lambda: "queue" in driver.find_element(By.CSS_SELECTOR, ".wrap").text.lower()
               or "queue" in driver.page_source.lower(), 20, "the queue position")
         driver.save_screenshot(str(tmp / "queued.png"))
