@@ -108,17 +108,28 @@ def comfy(tmp_path, monkeypatch) -> Comfy:
     return c
 
 
-@pytest.fixture
-def pack(comfy, monkeypatch):
-    """The node pack, imported as ComfyUI imports custom_nodes/<folder> (module named by its path)."""
-    name = str(comfy.root / "custom_nodes" / "ComfyUI-OSEDiff").replace(".", "_x_")
+def load_pack(root: Path, monkeypatch) -> types.ModuleType:
+    """The node pack, imported as ComfyUI imports custom_nodes/<folder> (a package named by its path)."""
+    name = str(root / "custom_nodes" / "ComfyUI-OSEDiff").replace(".", "_x_")
     spec = importlib.util.spec_from_file_location(name, PACK / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)
+    for sub in ("models", "nodes"):  # dropped again after the test
+        monkeypatch.setitem(sys.modules, f"{name}.{sub}", None)
+        monkeypatch.delitem(sys.modules, f"{name}.{sub}")
     spec.loader.exec_module(module)
-    yield module
-    for sub in ("models", "nodes"):
-        sys.modules.pop(f"{name}.{sub}", None)
+    return module
+
+
+@pytest.fixture
+def pack(comfy, monkeypatch):
+    return load_pack(comfy.root, monkeypatch)
+
+
+@pytest.fixture
+def pack_loader(comfy, monkeypatch):
+    """Imports the pack on call, for tests that change the stubs first."""
+    return lambda: load_pack(comfy.root, monkeypatch)
 
 
 @pytest.fixture

@@ -58,6 +58,16 @@ def test_node_ids_names_and_types(pack, installed):
     assert up["optional"]["tile"][1]["default"] == 96 and up["optional"]["vae_decoder_tile"][1]["default"] == 224
 
 
+def test_imports_with_only_folder_paths(pack_loader, monkeypatch):
+    import sys
+
+    for name in ("comfy", "comfy.model_management", "comfy.utils"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import comfy...` now raises ImportError
+    pack = pack_loader()
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"OSEDiffLoader", "OSEDiffUpscale"}
+    assert pack.NODE_CLASS_MAPPINGS["OSEDiffUpscale"].INPUT_TYPES()["required"]["scale"][0] == "FLOAT"
+
+
 def test_registers_models_osediff(pack, comfy):
     import folder_paths
 
