@@ -3,11 +3,15 @@ model (output equal to the Python API's `pipe(tensor)`), and the error paths."""
 
 from __future__ import annotations
 
+import comfy_stubs
 import pytest
 import torch
 
 from osediff.core.pipeline import OSEDiffPipeline
 from osediff.files.weights import MissingWeightsError, missing_message
+
+# the fixtures (stubbed ComfyUI, the pack loaded into it, the tiny weights installed in its models folder)
+comfy, pack, pack_loader, installed = comfy_stubs.comfy, comfy_stubs.pack, comfy_stubs.pack_loader, comfy_stubs.installed
 
 
 def _images(b=2, h=24, w=20, seed=0):

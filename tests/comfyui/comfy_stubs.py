@@ -1,4 +1,5 @@
-"""ComfyUI stand-ins at the boundary the node pack uses (it is not on PyPI): `folder_paths` with a models
+"""Fixtures for the node-pack tests (a module, not a conftest.py, so that the suite's `from conftest import ...`
+keeps finding tests/conftest.py). ComfyUI stand-ins at the boundary the node pack uses (it is not on PyPI): `folder_paths` with a models
 folder under tmp, `comfy.model_management` and `comfy.utils` recording what the nodes call. The pack is then
 loaded from its folder the way ComfyUI loads a custom node (a package named by its path)."""
 
