@@ -1,0 +1,140 @@
+"""Where the node pack finds OSEDiff's weights inside ComfyUI, and the one cached pipeline.
+
+Two places are searched for every weight, in this order:
+1. ComfyUI's model folders: the SD 2.1-base folder in `models/diffusers/` (any folder holding a
+   `model_index.json`, as ComfyUI's own diffusers loader lists them), the OSEDiff, RAM and DAPE files in
+   `models/osediff/` — a model folder kind this pack registers (`extra_model_paths.yaml` may add more
+   folders under the key `osediff`);
+2. osediff's own models folder (`$OSEDIFF_MODELS`, default `~/.cache/osediff/models`, see the README
+   "Weights"), so weights already set up for the CLI are found without copying them.
+
+The file lists offered in the UI always contain the default file names of the CLI (`osediff.pkl`,
+`DAPE.pth`...), even when missing: running a workflow with one then raises the CLI's missing-weight message
+(what to download, where to put it) in the UI instead of a bare "value not in list".
+
+This is the only module of the pack that imports osediff's weight-location helpers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import folder_paths  # ComfyUI's; a plain Python can stub it (tests/comfyui/conftest.py)
+
+from osediff.files import weights as wts
+
+log = logging.getLogger(__name__)
+
+FOLDER_KIND = "osediff"
+EXTENSIONS = {".pkl", ".safetensors", ".pth", ".pt", ".bin"}
+NONE = "none"  # the `ram`/`dape` choice that runs without the tagger
+
+
+def register_folder() -> None:
+    """Add `models/osediff/` as ComfyUI model folder kind `osediff` (kept when extra_model_paths.yaml,
+    read before custom nodes, already declared the kind)."""
+    default = os.path.join(folder_paths.models_dir, FOLDER_KIND)
+    if FOLDER_KIND in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(FOLDER_KIND, default)
+    else:
+        folder_paths.folder_names_and_paths[FOLDER_KIND] = ([default], EXTENSIONS)
+
+
+def comfy_folder(key: str) -> str:
+    """The first ComfyUI folder a weight of kind `key` belongs in (for messages)."""
+    kind = "diffusers" if key == "base" else FOLDER_KIND
+    paths = folder_paths.get_folder_paths(kind)
+    return paths[0] if paths else os.path.join(folder_paths.models_dir, kind)
+
+
+# --- what the UI lists --------------------------------------------------------------------------------------
+def base_choices() -> list[str]:
+    """Diffusers folders (relative to `models/diffusers/`) + osediff's own SD folder, the default name first."""
+    found = []
+    for root in folder_paths.get_folder_paths("diffusers"):
+        if os.path.isdir(root):
+            for folder, _dirs, files in os.walk(root, followlinks=True):
+                if "model_index.json" in files:
+                    found.append(os.path.relpath(folder, root))
+    found += [n for n in wts.SPECS["base"].names if (wts.models_dir() / n).is_dir()]
+    return _with_default(found, wts.SPECS["base"].names[0])
+
+
+def file_choices(key: str) -> list[str]:
+    """Files of models/osediff/ + osediff's models folder for `key` in weights/ram/dape; `none` last for the
+    tagger's two files."""
+    found = list(folder_paths.get_filename_list(FOLDER_KIND))
+    found += [n for n in wts.SPECS[key].names if (wts.models_dir() / n).is_file()]
+    choices = _with_default(found, _default_name(key))
+    return choices + [NONE] if key in ("ram", "dape") else choices
+
+
+def _default_name(key: str) -> str:
+    # the pickle the authors release, not the safetensors the converter writes
+    return "osediff.pkl" if key == "weights" else wts.SPECS[key].names[0]
+
+
+def _with_default(names: list[str], default: str) -> list[str]:
+    rest = sorted(set(names) - {default})
+    return [default] + rest
+
+
+# --- from a UI choice to a path -----------------------------------------------------------------------------
+def locate(key: str, name: str) -> str | None:
+    """The path of the weight chosen as `name` for `key` (base/weights/ram/dape); None for `none`.
+
+    Raises `MissingWeightsError` with the CLI's message plus where ComfyUI looks when it is nowhere.
+    """
+    if name == NONE and key in ("ram", "dape"):
+        return None
+    candidates = []
+    if key == "base":
+        candidates += [os.path.join(r, name) for r in folder_paths.get_folder_paths("diffusers")]
+    else:
+        candidates.append(folder_paths.get_full_path(FOLDER_KIND, name))
+    candidates.append(str(wts.models_dir() / name))
+    for c in candidates:
+        if c and os.path.exists(c):
+            return c
+    if name == _default_name(key) or name in wts.SPECS[key].names:
+        env = os.environ.get(wts.SPECS[key].env)
+        if env and Path(env).expanduser().exists():
+            return str(Path(env).expanduser())
+    raise wts.MissingWeightsError(
+        wts.missing_message(key) + f"\n  In ComfyUI you can also put it in {comfy_folder(key)}"
+        f"{'/' if key == 'base' else ''} and pick it in the OSEDiffLoader node.")
+
+
+# --- the pipeline, loaded once --------------------------------------------------------------------------------
+_cache: dict[tuple, object] = {}
+
+
+def load_pipeline(base: str, weights: str, ram: str, dape: str, dtype: str | None, device: str):
+    """`OSEDiffPipeline.from_pretrained` on the located files, cached across prompts.
+
+    One pipeline is kept (the last one asked for): a second, different OSEDiffLoader replaces it rather than
+    holding two copies of SD 2.1 in memory. A file replaced on disk (new mtime) reloads.
+    """
+    from osediff.core.pipeline import OSEDiffPipeline
+
+    paths = {k: locate(k, v) for k, v in (("base", base), ("weights", weights), ("ram", ram), ("dape", dape))}
+    if (paths["ram"] is None) != (paths["dape"] is None):
+        raise ValueError("ram and dape work together (RAM is the tagger, DAPE its LoRA): choose both files, or "
+                         "`none` for both to run without tags")
+    key = (tuple((k, p, _mtime(p)) for k, p in paths.items()), dtype, device)
+    if key not in _cache:
+        _cache.clear()
+        use_dape = paths["ram"] is not None
+        if not use_dape:
+            log.warning("OSEDiff runs without DAPE tags (ram/dape set to none): outputs differ from the published "
+                        "ones unless tags are given to the OSEDiffUpscale node")
+        _cache[key] = OSEDiffPipeline.from_pretrained(
+            paths["base"], paths["weights"], device=device, dtype=dtype, ram=paths["ram"], dape=paths["dape"],
+            use_dape=use_dape)
+    return _cache[key]
+
+
+def _mtime(path: str | None) -> float | None:
+    return os.path.getmtime(path) if path else None

@@ -1,0 +1,191 @@
+"""The two nodes: `OSEDiffLoader` (weights -> OSEDIFF_MODEL) and `OSEDiffUpscale` (IMAGE -> ×s IMAGE + prompt).
+
+Thin by design: the loader calls `OSEDiffPipeline.from_pretrained`, the upscaler calls the pipeline on each
+image of the batch as a (1,3,H,W) float tensor, exactly as the Python API's `pipe(tensor)` (the float path: no
+8-bit quantisation, see the README "ComfyUI"). Written in ComfyUI's classic node API (INPUT_TYPES /
+RETURN_TYPES / NODE_CLASS_MAPPINGS), which every ComfyUI release loads; ComfyUI's own modules are imported
+inside the functions that use them, so the pack imports with only `folder_paths` stubbed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+
+import torch
+
+from . import models
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPE = "OSEDIFF_MODEL"
+CATEGORY = "image/upscaling"
+DTYPES = {"auto": None, "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}  # auto: the pipeline's default
+COLOR_FIXES = ("adain", "wavelet", "none")
+# OOM retry floors: latent tile (×8 px), VAE encoder / decoder tiles (px)
+MIN_TILE, MIN_ENCODER_TILE, MIN_DECODER_TILE = 32, 128, 64
+
+
+class OSEDiffLoader:
+    """SD 2.1-base + OSEDiff LoRA (+ the RAM/DAPE tagger) as one pipeline on ComfyUI's device."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "base": (models.base_choices(), {"tooltip": "SD 2.1-base diffusers folder (models/diffusers/)"}),
+            "weights": (models.file_choices("weights"), {"tooltip": "OSEDiff LoRA: osediff.pkl (models/osediff/)"}),
+            "ram": (models.file_choices("ram"), {"tooltip": "RAM Swin-L tagger, or none (no tags)"}),
+            "dape": (models.file_choices("dape"), {"tooltip": "DAPE LoRA of the tagger, or none (no tags)"}),
+            "dtype": (list(DTYPES), {"default": "auto",
+                                     "tooltip": "auto: fp16 on GPUs, fp32 on the CPU (the pipeline's default)"}),
+        }}
+
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads OSEDiff (one-step diffusion super-resolution) once; reused across prompts."
+
+    def load(self, base: str, weights: str, ram: str, dape: str, dtype: str = "auto"):
+        import comfy.model_management as mm
+
+        device = str(mm.get_torch_device())
+        return (models.load_pipeline(base, weights, ram, dape, DTYPES[dtype], device),)
+
+
+class OSEDiffUpscale:
+    """Each image of the batch ×scale through OSEDiff; returns the images and the prompts used."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from osediff.core.options import SROptions
+
+        d = SROptions()
+        return {
+            "required": {
+                "model": (MODEL_TYPE,),
+                "image": ("IMAGE",),
+                "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 16.0, "step": 0.5}),
+                "color_fix": (list(COLOR_FIXES), {"default": "adain"}),
+                "prompt": ("STRING", {"default": "", "multiline": False,
+                                      "tooltip": "added after the tags, as `osediff sr --prompt`"}),
+            },
+            "optional": {
+                "tags": ("STRING", {"default": "", "tooltip": "when given, used instead of DAPE's tags"}),
+                "tile": ("INT", {"default": d.tile, "min": 8, "max": 512, "step": 8,
+                                 "tooltip": "UNet latent tile (×8 pixels)"}),
+                "tile_overlap": ("INT", {"default": d.tile_overlap, "min": 0, "max": 256, "step": 8}),
+                "vae_encoder_tile": ("INT", {"default": d.vae_encoder_tile, "min": 64, "max": 8192, "step": 64}),
+                "vae_decoder_tile": ("INT", {"default": d.vae_decoder_tile, "min": 32, "max": 4096, "step": 32}),
+            },
+        }
+
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("image", "prompt")
+    FUNCTION = "upscale"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "OSEDiff ×scale super-resolution; the prompt output gives the text used (one line per image)."
+
+    def upscale(self, model, image: torch.Tensor, scale: float = 4.0, color_fix: str = "adain", prompt: str = "",
+                tags: str = "", tile: int | None = None, tile_overlap: int | None = None,
+                vae_encoder_tile: int | None = None, vae_decoder_tile: int | None = None):
+        import comfy.model_management as mm
+        import comfy.utils
+
+        from osediff.core.pipeline import OSEDiffPipeline
+        from osediff.core.prompts import format_prompt
+
+        tiles = {k: v for k, v in (("tile", tile), ("tile_overlap", tile_overlap),
+                                   ("vae_encoder_tile", vae_encoder_tile), ("vae_decoder_tile", vae_decoder_tile))
+                 if v is not None}
+        pipe = model.with_options(scale=scale_value(scale), color_fix=color_fix, **tiles)
+        x = to_nchw(image)  # (B,3,H,W) float [0,1]
+        used: list[str] = []  # per image: the tags the pipeline got, recorded on their way in
+        extractor = (lambda imgs: [tags.strip()] * imgs.shape[0]) if tags.strip() else pipe.extractor
+        pipe = OSEDiffPipeline(pipe.model, _recording(extractor, used), pipe.options)
+
+        mm.free_memory(memory_estimate(pipe, x), mm.get_torch_device())
+        bar = comfy.utils.ProgressBar(x.shape[0])
+        outs = []
+        for i in range(x.shape[0]):
+            mm.throw_exception_if_processing_interrupted()
+            out, pipe = run_with_oom_retry(pipe, x[i:i + 1], prompt, mm.soft_empty_cache)
+            outs.append(out)
+            bar.update(1)
+        mm.throw_exception_if_processing_interrupted()
+        text = "\n".join(format_prompt(t, prompt) for t in used)
+        return (torch.cat(outs).movedim(1, -1).float(), text)
+
+
+# --- helpers (pure, tested directly) ---------------------------------------------------------------------------
+def to_nchw(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (B,H,W,C) float [0,1] -> (B,3,H,W): grey repeated, an alpha channel dropped."""
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an IMAGE (B,H,W,C) with C in 1/3/4, got shape {tuple(image.shape)}")
+    rgb = image[..., :3] if image.shape[-1] != 1 else image.expand(-1, -1, -1, 3)
+    return rgb.movedim(-1, 1).contiguous().float()
+
+
+def scale_value(scale: float) -> int | float:
+    """The node's FLOAT scale as the pipeline option: whole numbers as int (so ×4 is exactly `scale=4`), other
+    values only when this osediff's `SROptions.scale` accepts floats."""
+    from osediff.core.options import SROptions
+
+    if float(scale).is_integer():
+        return int(scale)
+    annotation = str(next(f.type for f in fields(SROptions) if f.name == "scale"))
+    if "float" not in annotation:
+        raise ValueError(f"scale {scale}: this osediff supports whole-number scales only (1, 2, 3, 4, ...); "
+                         "choose one, or upgrade osediff for fractional scales")
+    return float(scale)
+
+
+def memory_estimate(pipe, x: torch.Tensor) -> int:
+    """Bytes to free on the device before running (ComfyUI's `free_memory`, as its model upscaler does): the
+    pipeline's weights, if ComfyUI counts them elsewhere, plus one image in, one out, and a working set of
+    ~384 fp32 RGB planes of a 512² tile (the model upscaler's rule of thumb)."""
+    nets = [pipe.model.unet, pipe.model.vae, pipe.model.text_encoder]
+    if isinstance(pipe.extractor, torch.nn.Module):
+        nets.append(pipe.extractor)
+    weights = sum(p.numel() * p.element_size() for n in nets for p in n.parameters())
+    s = pipe.options.scale
+    one = x[0].numel() * 4
+    return int(weights + one * (1 + s * s) + 512 * 512 * 3 * 4 * 384)
+
+
+def run_with_oom_retry(pipe, x: torch.Tensor, prompt: str, empty_cache):
+    """`pipe(x, prompt)`; on out-of-memory, empty the cache and retry with half the tile sizes until the floors
+    (MIN_*). Returns (output, the pipeline whose tiles fitted, kept for the next images of the batch)."""
+    while True:
+        try:
+            return pipe(x, prompt=prompt), pipe
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _is_oom(e):
+                raise
+            o = pipe.options
+            smaller = dict(tile=max(MIN_TILE, o.tile // 2), vae_encoder_tile=max(MIN_ENCODER_TILE,
+                           o.vae_encoder_tile // 2), vae_decoder_tile=max(MIN_DECODER_TILE, o.vae_decoder_tile // 2))
+            if all(smaller[k] == getattr(o, k) for k in smaller):
+                raise
+            smaller["tile_overlap"] = min(o.tile_overlap, smaller["tile"] // 2)
+            log.warning("OSEDiff ran out of memory; retrying with smaller tiles %s", smaller)
+            empty_cache()
+            pipe = pipe.with_options(**smaller)
+
+
+def _is_oom(e: BaseException) -> bool:
+    # CUDA raises torch.OutOfMemoryError; MPS and some allocators a RuntimeError naming it
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _recording(extractor, sink: list[str]):
+    """The extractor, also appending each image's tags to `sink` (None -> no tags, as the pipeline does)."""
+    def extract(images: torch.Tensor) -> list[str]:
+        got = extractor(images) if extractor is not None else [""] * images.shape[0]
+        sink.extend(got)
+        return got
+    return extract
+
+
+NODE_CLASS_MAPPINGS = {"OSEDiffLoader": OSEDiffLoader, "OSEDiffUpscale": OSEDiffUpscale}
+NODE_DISPLAY_NAME_MAPPINGS = {"OSEDiffLoader": "Load OSEDiff", "OSEDiffUpscale": "Upscale Image (OSEDiff)"}
