@@ -24,6 +24,7 @@ DTYPES = {"auto": None, "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}  # auto:
 COLOR_FIXES = ("adain", "wavelet", "none")
 # OOM retry floors: latent tile (×8 px), VAE encoder / decoder tiles (px)
 MIN_TILE, MIN_ENCODER_TILE, MIN_DECODER_TILE = 32, 128, 64
+STEPS = 100  # progress-bar steps per image: the pipeline's stages and UNet tiles move it within each image
 
 
 class OSEDiffLoader:
@@ -105,13 +106,15 @@ class OSEDiffUpscale:
         pipe = OSEDiffPipeline(pipe.model, _recording(extractor, used), pipe.options)
 
         mm.free_memory(memory_estimate(pipe, x), mm.get_torch_device())
-        bar = comfy.utils.ProgressBar(x.shape[0])
+        n = x.shape[0]
+        bar = comfy.utils.ProgressBar(STEPS * n)
         outs = []
-        for i in range(x.shape[0]):
+        for i in range(n):
             mm.throw_exception_if_processing_interrupted()
-            out, pipe = run_with_oom_retry(pipe, x[i:i + 1], prompt, mm.soft_empty_cache)
+            report = _reporter(bar, i, n, mm.throw_exception_if_processing_interrupted)
+            out, pipe = run_with_oom_retry(pipe, x[i:i + 1], prompt, mm.soft_empty_cache, report)
             outs.append(out)
-            bar.update(1)
+            bar.update_absolute(STEPS * (i + 1), STEPS * n)
         mm.throw_exception_if_processing_interrupted()
         text = "\n".join(format_prompt(t, prompt) for t in used)
         return (torch.cat(outs).movedim(1, -1).float(), text)
@@ -153,12 +156,12 @@ def memory_estimate(pipe, x: torch.Tensor) -> int:
     return int(weights + one * (1 + s * s) + 512 * 512 * 3 * 4 * 384)
 
 
-def run_with_oom_retry(pipe, x: torch.Tensor, prompt: str, empty_cache):
-    """`pipe(x, prompt)`; on out-of-memory, empty the cache and retry with half the tile sizes until the floors
+def run_with_oom_retry(pipe, x: torch.Tensor, prompt: str, empty_cache, progress=None):
+    """`pipe(x, prompt, progress=progress)`; on out-of-memory, empty the cache and retry with half the tile sizes until the floors
     (MIN_*). Returns (output, the pipeline whose tiles fitted, kept for the next images of the batch)."""
     while True:
         try:
-            return pipe(x, prompt=prompt), pipe
+            return pipe(x, prompt=prompt, progress=progress), pipe
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
@@ -171,6 +174,17 @@ def run_with_oom_retry(pipe, x: torch.Tensor, prompt: str, empty_cache):
             log.warning("OSEDiff ran out of memory; retrying with smaller tiles %s", smaller)
             empty_cache()
             pipe = pipe.with_options(**smaller)
+
+
+def _reporter(bar, i: int, n: int, check_interrupted):
+    """The pipeline's stage reports for image i of n -> ComfyUI's progress bar, checking for Cancel at every
+    stage and UNet tile (so an interruption stops within a tile, not only between images)."""
+    from osediff.core.model import progress_fraction
+
+    def report(stage: str, done: int, total: int) -> None:
+        check_interrupted()
+        bar.update_absolute(int(STEPS * (i + progress_fraction(stage, done, total))), STEPS * n)
+    return report
 
 
 def _is_oom(e: BaseException) -> bool:

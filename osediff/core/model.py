@@ -28,6 +28,15 @@ log = logging.getLogger(__name__)
 # front-ends use it for progress bars, stage timings and cancellation (an exception raised in it aborts the run).
 Progress = Callable[[str, int, int], None]
 
+# where a progress bar stands when each stage of one image starts; the UNet's tiles fill the span to "decode"
+STAGE_START = {"tags": 0.0, "encode": 0.08, "unet": 0.15, "decode": 0.85, "color_fix": 0.95}
+
+
+def progress_fraction(stage: str, done: int, total: int) -> float:
+    """A `Progress` report as the fraction [0, 1) of one image's work done (for front-ends' progress bars)."""
+    start = STAGE_START[stage]
+    return start + (STAGE_START["decode"] - start) * done / total if stage == "unet" else start
+
 # Sizes up to which the VAE runs untiled: the reference's thresholds (tile + 2·pad, spec §1.6, §1.9).
 _ENC_PAD, _DEC_PAD = 32, 11
 

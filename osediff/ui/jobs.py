@@ -22,8 +22,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# where the page's progress bar stands when each stage starts (the UNet's tiles fill the span up to "decode")
-STAGE_FRACTION = {"read": 0.0, "tags": 0.03, "encode": 0.08, "unet": 0.15, "decode": 0.85, "color_fix": 0.95}
 STAGE_LABEL = {"read": "reading the image", "tags": "reading tags (DAPE)", "encode": "VAE encode",
                "unet": "UNet", "decode": "VAE decode", "color_fix": "colour fix"}
 
@@ -137,6 +135,7 @@ class Runner:
         for bad input and Cancelled when `cancel()` was called meanwhile."""
         import torch
 
+        from osediff.core.model import progress_fraction
         from osediff.core.pipeline import OSEDiffPipeline
 
         pic = self.check(path)
@@ -156,9 +155,7 @@ class Runner:
                     torch.cuda.synchronize(device)  # so the stage times are the device's, not the launches'
                 if name != "unet" or done == 0:
                     times.append((name, time.perf_counter()))
-                lo, hi = STAGE_FRACTION[name], STAGE_FRACTION["decode"]
-                frac = lo + (hi - lo) * done / total if name == "unet" else lo
-                say(frac, STAGE_LABEL[name] + (f" tile {done + 1}/{total}" if name == "unet" and total > 1 else ""))
+                say(0.0 if name == "read" else progress_fraction(name, done, total), STAGE_LABEL[name] + (f" tile {done + 1}/{total}" if name == "unet" and total > 1 else ""))
 
             tags = RecordingTags(self.pipe.extractor) if options.tags is None else FixedTags(options.tags)
             pipe = OSEDiffPipeline(self.pipe.model, tags, self.pipe.options).with_options(

@@ -24,6 +24,7 @@ class Comfy:
         self.root, self.models = root, root / "models"
         self.freed: list[tuple[float, torch.device]] = []
         self.bars: list[list[int]] = []  # per ProgressBar: [total, current]
+        self.bar_values: list[int] = []  # every value a bar was set to, in order
         self.checks = 0
         self.interrupt_after: int | None = None
         self.emptied = 0
@@ -86,8 +87,14 @@ def _utils(c: Comfy) -> types.ModuleType:
             self.state = [total, 0]
             c.bars.append(self.state)
 
+        def update_absolute(self, value, total=None, preview=None):  # ComfyUI's: clipped to the total
+            if total is not None:
+                self.state[0] = total
+            self.state[1] = min(value, self.state[0])
+            c.bar_values.append(self.state[1])
+
         def update(self, value):
-            self.state[1] += value
+            self.update_absolute(self.state[1] + value)
 
     u.ProgressBar = ProgressBar
     return u

@@ -103,7 +103,7 @@ def test_upscale_equals_python_api(pack, installed, tiny_sd, tiny_ckpt):
         assert torch.equal(out[i], api(x[i:i + 1])[0].permute(1, 2, 0))
     assert not torch.equal(out[0], out[1])
     assert prompt == ", ,\n, ,"
-    assert installed.bars == [[2, 2]]
+    assert installed.bars == [[2 * pack.nodes.STEPS, 2 * pack.nodes.STEPS]]
     assert len(installed.freed) == 1 and installed.freed[0][1] == torch.device("cpu")
     assert installed.freed[0][0] > sum(p.numel() * 4 for p in model.model.unet.parameters())
 
@@ -200,17 +200,27 @@ def test_none_tagger_and_half_a_tagger(pack, installed, monkeypatch):
     assert seen["device"] == "cpu"
 
 
-def test_interrupted_run_stops_between_images(pack, installed, monkeypatch):
+def test_interrupted_run_stops_within_an_image_and_the_bar_follows_the_tiles(pack, installed, monkeypatch):
     model = _fast(pack)
     calls = []
     real = OSEDiffPipeline.__call__
-    monkeypatch.setattr(OSEDiffPipeline, "__call__", lambda self, x, prompt=None: calls.append(1) or real(self, x, prompt))
-    installed.interrupt_after = 1  # the check before image 1 passes, the one before image 2 raises
+    monkeypatch.setattr(OSEDiffPipeline, "__call__",
+                        lambda self, x, prompt=None, progress=None: calls.append(1) or real(self, x, prompt,
+                                                                                             progress=progress))
+    _upscale(pack, model, _images(b=2))
+    steps = pack.nodes.STEPS
+    values = installed.bar_values
+    assert installed.bars[-1] == [2 * steps, 2 * steps] and values == sorted(values)  # moves forward only
+    assert len(set(values)) > 6  # stage by stage within each image, not just once per image
+    installed.bar_values.clear()
+    calls.clear()
+    installed.checks = 0
+    installed.interrupt_after = 3  # before image 1, then its "tags" stage pass; its "encode" stage raises
     import comfy.model_management as mm
 
     with pytest.raises(mm.InterruptProcessingException):
         _upscale(pack, model, _images(b=3))
-    assert len(calls) == 1 and installed.bars == [[3, 1]]
+    assert len(calls) == 1 and max(installed.bar_values) < steps  # stopped inside the first image
 
 
 def test_out_of_memory_retries_with_smaller_tiles(pack, installed, monkeypatch):
@@ -218,7 +228,7 @@ def test_out_of_memory_retries_with_smaller_tiles(pack, installed, monkeypatch):
     tried = []
     real = OSEDiffPipeline.__call__
 
-    def limited(self, x, prompt=None):
+    def limited(self, x, prompt=None, progress=None):
         tried.append(self.options.tile)
         if self.options.tile > 32:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -238,7 +248,7 @@ def test_out_of_memory_at_the_floor_and_other_errors_are_raised(pack, installed,
     model = _fast(pack)
     tried = []
 
-    def oom(self, x, prompt=None):
+    def oom(self, x, prompt=None, progress=None):
         tried.append(self.options.tile)
         raise RuntimeError("MPS backend out of memory")
 
@@ -247,7 +257,7 @@ def test_out_of_memory_at_the_floor_and_other_errors_are_raised(pack, installed,
         _upscale(pack, model, _images(b=1))
     assert tried == [96, 48, 32, 32]  # the last try: the VAE encoder tile still halved, to its floor 128
     tried.clear()
-    monkeypatch.setattr(OSEDiffPipeline, "__call__", lambda self, x, prompt=None: tried.append(1) or 1 / 0)
+    monkeypatch.setattr(OSEDiffPipeline, "__call__", lambda self, x, prompt=None, progress=None: tried.append(1) or 1 / 0)
     with pytest.raises(ZeroDivisionError):
         _upscale(pack, model, _images(b=1))
     assert tried == [1]
