@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from osediff.degradation.jpeg_tables import JPEG_TABLES_HELP, JpegTables
+
 # The reference's negative prompts (spec §4.1, §4.7).
 NEG_PROMPT = ("painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, "
               "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, "
@@ -39,6 +41,8 @@ class DataConfig:
                        False)
     degradation: str | None = _help("degradation YAML (default: the shipped params_realesrgan.yml, or "
                                     "params_codeformer.yml with --face)")
+    jpeg_tables: JpegTables = _help(JPEG_TABLES_HELP + " Overrides the --degradation file's jpeg_tables; not "
+                                    "used with --face, whose JPEG is libjpeg's.", "reference")
     workers: int = _help("data-loader worker processes", 4)
     prompts: Literal["ram", "none", "captions"] = _help(
         "training prompts: RAM tags of the HQ crop (--ram), none (empty prompt), or a --captions file", "ram")

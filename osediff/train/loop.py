@@ -302,6 +302,7 @@ class Trainer:
         from osediff.degradation.realesrgan import DegradationConfig, check_input
 
         cfg = DegradationConfig.from_yaml(d.degradation) if d.degradation else DegradationConfig()
+        cfg = dataclasses.replace(cfg, jpeg_tables=d.jpeg_tables)
 
         def fits(crop: int) -> bool:
             try:
