@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 
+from osediff.degradation.jpeg_tables import JPEG_TABLES, JPEG_TABLES_HELP
+
 HELP = "degrade HQ images into paired LQ training images (Real-ESRGAN pipeline, or the face pipeline)"
 
 
@@ -23,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: %(default)s)")
     parser.add_argument("--scale", type=int, default=None,
                         help="downscaling factor, overrides the config's `scale` (default: the config's, 4)")
+    parser.add_argument("--jpeg-tables", choices=JPEG_TABLES, default=None,
+                        help=JPEG_TABLES_HELP + " Overrides the config's `jpeg_tables` (default: the config's, "
+                             "reference). Not with --face, whose JPEG is libjpeg itself.")
     parser.add_argument("--face", action="store_true", help="use the face pipeline (spec §4.7)")
     parser.add_argument("--resize-back", action=argparse.BooleanOptionalAction, default=True,
                         help="resize the LQ back to the HQ size (default: %(default)s); "
@@ -62,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     if args.face and (args.scale is not None or not args.resize_back):
         log.error("--scale and --no-resize-back do not apply to --face (it always returns the HQ size)")
         return 2
+    if args.face and args.jpeg_tables is not None:
+        log.error("--jpeg-tables does not apply to --face (its JPEG is libjpeg's, through Pillow)")
+        return 2
     try:
         if args.face:
             cfg = FaceDegradationConfig.from_yaml(args.config)
@@ -69,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
             cfg = DegradationConfig.from_yaml(args.config)
             if args.scale is not None:
                 cfg = dataclasses.replace(cfg, scale=args.scale)
+            if args.jpeg_tables is not None:
+                cfg = dataclasses.replace(cfg, jpeg_tables=args.jpeg_tables)
     except (OSError, ValueError) as e:
         log.error("bad --config: %s", e)
         return 2

@@ -112,26 +112,34 @@ class OSEDiffModel(nn.Module):
 
     # --- steps --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+    def encode_text(self, prompts: list[str], *, cache: bool = True) -> torch.Tensor:
         """(B, 77, D) last hidden states of the CLIP text encoder (spec §1.5); identical prompts are encoded
-        once and kept in a small LRU cache (the reference re-encodes on every call, spec §8.7)."""
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        once and kept in a small LRU cache (the reference re-encodes on every call, spec §8.7). `cache=False`
+        neither reads nor fills the cache (training, where the embedding depends on the autocast state)."""
+        store = self._cache if cache else {}
+        todo = [p for p in dict.fromkeys(prompts) if p not in store]
         if todo:
             ids = self.tokenizer(todo, max_length=self.tokenizer.model_max_length, padding="max_length",
                                  truncation=True, return_tensors="pt").input_ids.to(self.device)
             embeds = self.text_encoder(ids)[0].to(self.dtype)
             for p, e in zip(todo, embeds):
-                self._cache[p] = e
-        for p in prompts:
-            self._cache.move_to_end(p)
-        out = torch.stack([self._cache[p] for p in prompts])
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+                store[p] = e
+        out = torch.stack([store[p] for p in prompts])
+        if cache:
+            for p in prompts:
+                self._cache.move_to_end(p)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return out
 
     def encode(self, x: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
-               tile: int = 1024, tile_batch: int = 1, offload: str | None = None) -> torch.Tensor:
-        """x (B,3,H,W) in [-1,1], H and W multiples of 8 -> scaled latent (B,4,H/8,W/8) in the VAE's dtype."""
+               tile: int = 1024, tile_batch: int = 1, offload: str | None = None,
+               cast_moments: bool = True) -> torch.Tensor:
+        """x (B,3,H,W) in [-1,1], H and W multiples of 8 -> scaled latent (B,4,H/8,W/8) in the VAE's dtype.
+
+        `cast_moments=False` keeps the posterior moments (and so the noise of a sample) in the dtype the encoder
+        returned, as diffusers' `latent_dist` does: under autocast that is the autocast dtype, which is how the
+        reference's fp16 training samples (spec §4.5); the latent then comes out in that dtype or float32."""
         x = x.to(self.vae.dtype)
         if max(x.shape[-2:]) <= tile + 2 * _ENC_PAD:
             moments = self.vae.quant_conv(self.vae.encoder(x))
@@ -139,7 +147,7 @@ class OSEDiffModel(nn.Module):
             from osediff.tiling.vae import encode_moments
 
             moments = encode_moments(self.vae, x, tile=tile, tile_batch=tile_batch, offload=offload)
-        mean, logvar = moments.to(self.vae.dtype).chunk(2, dim=1)
+        mean, logvar = (moments.to(self.vae.dtype) if cast_moments else moments).chunk(2, dim=1)
         z = mean
         if sample:  # the reference's `latent_dist.sample()` (spec §1.6)
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))

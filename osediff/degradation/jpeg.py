@@ -13,10 +13,14 @@ differentiable surrogate), a real-valued quality (the Real-ESRGAN pipeline draws
 entries that are *not* rounded to integers (`Q = base · s / 100` as reals), 2×2 mean chroma subsampling with
 replication upsampling, no rounding of the decoded pixels, and zero padding of the bottom/right edges.
 
-Where it differs, on purpose:
-- the tables are used in the standard orientation (row = vertical frequency); DiffJPEG applies them
-  transposed. The luminance table is nearly symmetric, so the effect is small, but this is what a real
-  encoder does;
+Table orientation (`tables`, see `jpeg_tables.py`): DiffJPEG, and so the authors' training data, divides the
+coefficient at (vertical frequency u, horizontal v) by the Annex K entry printed at row v, column u: the tables
+transposed. `tables="reference"` (the default) does the same; `tables="standard"` uses them as printed, which is
+what libjpeg does (measured against it: README "Train"). Only the luminance table differs (the chrominance one
+is symmetric); on real photos one call in the two orientations differs by 34-52 dB PSNR (16 RealSR HR images,
+q 30-95): the same average strength with the artefacts in other places.
+
+Where it differs from DiffJPEG, on purpose:
 - table entries are clamped to `[1, 255]` like IJG's baseline tables. This changes nothing for
   `q ∈ [30, 95]` with these tables, and makes `q = 100` (an all-ones table, a near-lossless round trip) valid
   where DiffJPEG divides by zero;
@@ -37,23 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# ITU-T T.81 Annex K, tables K.1 (luminance) and K.2 (chrominance); row = vertical frequency.
-LUMA_TABLE = (
-    (16, 11, 10, 16, 24, 40, 51, 61),
-    (12, 12, 14, 19, 26, 58, 60, 55),
-    (14, 13, 16, 24, 40, 57, 69, 56),
-    (14, 17, 22, 29, 51, 87, 80, 62),
-    (18, 22, 37, 56, 68, 109, 103, 77),
-    (24, 35, 55, 64, 81, 104, 113, 92),
-    (49, 64, 78, 87, 103, 121, 120, 101),
-    (72, 92, 95, 98, 112, 100, 103, 99),
-)
-CHROMA_TABLE = (
-    (17, 18, 24, 47, 99, 99, 99, 99),
-    (18, 21, 26, 66, 99, 99, 99, 99),
-    (24, 26, 56, 99, 99, 99, 99, 99),
-    (47, 66, 99, 99, 99, 99, 99, 99),
-) + ((99,) * 8,) * 4
+from osediff.degradation.jpeg_tables import JpegTables, base_tables
 
 # JFIF colour transform (full-range BT.601).
 _RGB_TO_YCBCR = (
@@ -74,11 +62,12 @@ def quality_scale(quality: Tensor) -> Tensor:
     return torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q)
 
 
-def quantisation_tables(quality: Tensor) -> tuple[Tensor, Tensor]:
-    """Luminance and chrominance tables for each quality, each `(B, 8, 8)`, real-valued, clamped to [1, 255]."""
+def quantisation_tables(quality: Tensor, tables: JpegTables = "reference") -> tuple[Tensor, Tensor]:
+    """Luminance and chrominance tables for each quality (B,), each `(B, 8, 8)` indexed [vertical frequency,
+    horizontal frequency], real-valued, clamped to [1, 255]. `tables`: "reference" = Annex K transposed (the
+    authors' DiffJPEG), "standard" = Annex K as printed (libjpeg)."""
+    luma, chroma = (torch.tensor(t, dtype=quality.dtype, device=quality.device) for t in base_tables(tables))
     s = quality_scale(quality)[:, None, None] / 100
-    luma = torch.tensor(LUMA_TABLE, dtype=quality.dtype, device=quality.device)
-    chroma = torch.tensor(CHROMA_TABLE, dtype=quality.dtype, device=quality.device)
     return (luma * s).clamp(1, 255), (chroma * s).clamp(1, 255)
 
 
@@ -116,10 +105,12 @@ def _quantise_plane(plane: Tensor, table: Tensor, d: Tensor) -> Tensor:
     return _unblocks(d.T @ coef @ d) + 128
 
 
-def jpeg(x: Tensor, quality: Tensor | float, pad_mode: Literal["constant", "replicate"] = "constant") -> Tensor:
+def jpeg(x: Tensor, quality: Tensor | float, pad_mode: Literal["constant", "replicate"] = "constant",
+         tables: JpegTables = "reference") -> Tensor:
     """JPEG round trip of `x` (B, 3, H, W) in [0, 1] at `quality` (scalar or (B,), 1…100) -> same shape, [0, 1].
 
-    4:2:0 chroma subsampling; see the module docstring for how this follows the reference DiffJPEG.
+    4:2:0 chroma subsampling; `tables` picks the table orientation ("reference": the authors' DiffJPEG,
+    "standard": libjpeg's); see the module docstring for how this follows the reference DiffJPEG.
     Computed in float32 (float64 if `x` is float64).
     """
     if x.ndim != 4 or x.shape[1] != 3:
@@ -127,7 +118,7 @@ def jpeg(x: Tensor, quality: Tensor | float, pad_mode: Literal["constant", "repl
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     b, _, h, w = x.shape
     quality = torch.as_tensor(quality, dtype=dtype, device=x.device).expand(b)
-    luma_q, chroma_q = quantisation_tables(quality)
+    luma_q, chroma_q = quantisation_tables(quality, tables)
     d = dct_matrix(dtype, x.device)
 
     pad_h, pad_w = -h % 16, -w % 16

@@ -13,6 +13,7 @@ them per image (it degrades one image at a time inside the dataset), so each bat
 kernels, resize kind/scale/mode, noise kind/level, JPEG qualities and final order. (Real-ESRGAN's own GPU
 trainer instead shares the resize scale/mode, noise kind, second blur and final order across a batch; OSEDiff
 does not, and neither do we.) The same generator state and batch give the same output.
+JPEG quantises with the tables oriented as the authors' DiffJPEG does (`cfg.jpeg_tables`, see `jpeg.py`).
 
 After the first resize the images no longer share a size, so the middle of the pipeline works on a list of
 `(1, 3, h, w)` tensors; blur, noise and JPEG still run as one batched call per group of equal shapes.
@@ -39,6 +40,7 @@ from torch import Tensor
 
 from osediff.degradation import kernels as K
 from osediff.degradation.jpeg import jpeg
+from osediff.degradation.jpeg_tables import JPEG_TABLES, JpegTables
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 RESIZE_MODES = ("area", "bilinear", "bicubic")
@@ -116,7 +118,13 @@ class DegradationConfig:
 
     kernel_info: KernelInfo = dataclasses.field(default_factory=KernelInfo)
 
+    # Not in the reference's YAML (may be absent from a file): the JPEG tables' orientation, see `jpeg.py`.
+    # "reference" = the authors' DiffJPEG (tables transposed), "standard" = libjpeg's / real JPEG files'.
+    jpeg_tables: JpegTables = dataclasses.field(default="reference", metadata={"optional": True})
+
     def __post_init__(self) -> None:
+        if self.jpeg_tables not in JPEG_TABLES:
+            raise ValueError(f"jpeg_tables must be one of {JPEG_TABLES}, got {self.jpeg_tables!r}")
         if self.gray_prob or self.color_jitter_prob:
             raise ValueError("gray_prob and color_jitter_prob > 0 are not supported (the reference ships 0; "
                              "its gray path returns a 1-channel LQ, spec §8.21)")
@@ -151,14 +159,16 @@ def read_yaml(path: str | Path | None, default_name: str) -> dict[str, Any]:
 
 
 def config_from_mapping(cls: type, data: dict[str, Any]):
-    """Build a (possibly nested) frozen dataclass from a YAML mapping; keys must match the fields exactly."""
+    """Build a (possibly nested) frozen dataclass from a YAML mapping; keys must match the fields exactly, except
+    that fields marked `metadata={"optional": True}` (osediff's additions) may be left out."""
     if not isinstance(data, dict):
         raise ValueError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     if unknown := set(data) - fields:
         raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
-    if missing := fields - set(data):
+    optional = {f.name for f in dataclasses.fields(cls) if f.metadata.get("optional")}
+    if missing := fields - set(data) - optional:
         raise ValueError(f"{cls.__name__}: missing keys {sorted(missing)}")
     kw = {}
     for name, value in data.items():
@@ -439,8 +449,8 @@ def _noise(xs: list[Tensor], s: StageDraw, generator: torch.Generator) -> list[T
     return _map_groups(_map_groups(xs, gaussian, s.gaussian), poisson, ~s.gaussian)
 
 
-def _jpeg(quality: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-    return lambda b, i: jpeg(b.clamp(0, 1), quality[i].to(b.device))
+def _jpeg(quality: Tensor, tables: JpegTables) -> Callable[[Tensor, Tensor], Tensor]:
+    return lambda b, i: jpeg(b.clamp(0, 1), quality[i].to(b.device), tables=tables)
 
 
 def check_input(hq: Tensor, cfg: DegradationConfig) -> None:
@@ -477,7 +487,7 @@ def degrade(hq: Tensor, cfg: DegradationConfig, generator: torch.Generator, resi
     x = blur(hq.float(), s1.kernel.kernel)
     xs = [resize(x[i:i + 1], mode(s1.mode[i]), scale_factor=float(s1.scale[i])) for i in range(len(x))]
     xs = _noise(xs, s1, generator)
-    xs = _map_groups(xs, _jpeg(s1.quality))
+    xs = _map_groups(xs, _jpeg(s1.quality, cfg.jpeg_tables))
 
     # 2. second degradation: blur (p second_blur_prob), resize to (H/r·s, W/r·s), noise
     xs = _map_groups(xs, lambda b, i: blur(b, s2.kernel.kernel[i]), s2.blur)
@@ -486,10 +496,10 @@ def degrade(hq: Tensor, cfg: DegradationConfig, generator: torch.Generator, resi
     xs = _noise(xs, s2, generator)
 
     # 3. final: [resize to (H/r, W/r) -> sinc] and JPEG, in a per-sample order
-    xs = _map_groups(xs, _jpeg(d.final_quality), ~d.resize_first)
+    xs = _map_groups(xs, _jpeg(d.final_quality, cfg.jpeg_tables), ~d.resize_first)
     xs = [resize(x, mode(d.final_mode[i]), size=(h // r, w // r)) for i, x in enumerate(xs)]
     xs = _map_groups(xs, lambda b, i: blur(b, d.final_kernel[i]), d.final_sinc)
-    xs = _map_groups(xs, _jpeg(d.final_quality), d.resize_first)
+    xs = _map_groups(xs, _jpeg(d.final_quality, cfg.jpeg_tables), d.resize_first)
     lq = torch.cat(xs)  # (B, 3, H/r, W/r)
 
     # 4. back to the HQ size with a random mode, then the 8-bit grid

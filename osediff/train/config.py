@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from osediff.degradation.jpeg_tables import JPEG_TABLES_HELP, JpegTables
+
 # The reference's negative prompts (spec §4.1, §4.7).
 NEG_PROMPT = ("painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, "
               "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, "
@@ -21,6 +23,7 @@ FACE_NEG_PROMPT = ("blurring, dirty, messy, worst quality, low quality, frames, 
                    "deformed, lowres, over-smooth")
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
+AmpPlacement = Literal["reference", "frozen-dtype"]
 
 
 def _help(text: str, default=None, **kw):
@@ -39,6 +42,8 @@ class DataConfig:
                        False)
     degradation: str | None = _help("degradation YAML (default: the shipped params_realesrgan.yml, or "
                                     "params_codeformer.yml with --face)")
+    jpeg_tables: JpegTables = _help(JPEG_TABLES_HELP + " Overrides the --degradation file's jpeg_tables; not "
+                                    "used with --face, whose JPEG is libjpeg's.", "reference")
     workers: int = _help("data-loader worker processes", 4)
     prompts: Literal["ram", "none", "captions"] = _help(
         "training prompts: RAM tags of the HQ crop (--ram), none (empty prompt), or a --captions file", "ram")
@@ -75,7 +80,8 @@ class ModelConfig:
     gradient_checkpointing: bool = _help("recompute activations in the backward (generator and fake UNets, VAE)",
                                          False)
     frozen_dtype: Literal["auto", "fp32", "fp16", "bf16"] = _help(
-        "dtype of the frozen real-score UNet, text encoder and RAM; auto = the mixed-precision dtype", "auto")
+        "dtype of the frozen real-score UNet and RAM (and of the text encoder with --amp-placement frozen-dtype; "
+        "with reference it keeps fp32 weights, as the authors'); auto = the mixed-precision dtype", "auto")
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -124,6 +130,13 @@ class RunConfig:
     grad_accum: int = _help("micro-steps per optimiser step", 1)
     mixed_precision: MixedPrecision = _help("autocast dtype (the reference: fp16; use no or bf16 on a CPU)",
                                             "fp16")
+    amp_placement: AmpPlacement = _help(
+        "where mixed precision applies (spec §4.5, §4.6 'Precision'). reference = the authors' recipe: the text "
+        "encoder (fp32 weights) and the posterior sample (noise drawn in the autocast dtype) run inside the "
+        "generator's autocast region, the real score runs in pure --frozen-dtype outside autocast (its CFG sum in "
+        "that dtype). frozen-dtype = the text encoder in --frozen-dtype outside autocast, the real score under "
+        "autocast (fp32 norms, softmax and CFG), the posterior noise in fp32. Equal without mixed precision",
+        "reference")
     seed: int = _help("seed of the LoRA init, data order, crops, degradations and noise", 123)
     checkpoint_every: int = _help("write a checkpoint every N steps (and at the last step)", 500)
     keep_checkpoints: int = _help("keep the last K checkpoints", 3)

@@ -16,11 +16,14 @@ Fixes of the reference's defects (spec §8.14–§8.18), all deliberate:
   are not built;
 - checkpoints every N steps and at the end (the reference: at step % 500 == 1).
 
-Precision differences (small, deliberate): the frozen text encoder runs in `--frozen-dtype` (fp16 under fp16
-AMP; the reference keeps the generator's in fp32 — `--frozen-dtype fp32` restores that); the frozen real score
-runs under autocast, so its norms, softmax and the CFG sum are fp32 (the reference: pure fp16); the posterior
-sample is drawn in fp32 (the reference: fp16 under autocast). Logged losses are unweighted (the reference logs
-LPIPS times its weight 2).
+Precision (spec §4.5, §4.6 "Precision"), `--amp-placement`: by default ("reference") the authors' placement. Under
+fp16 AMP the text encoder keeps fp32 weights and runs inside the generator's autocast region, the posterior noise
+is drawn in the autocast dtype (diffusers' `latent_dist.sample()` inside the autocast-wrapped forward), the real
+score runs in pure `--frozen-dtype` outside autocast with its CFG sum in that dtype, and the fake score in fp32
+outside autocast. "frozen-dtype" is the earlier osediff placement: text encoder in `--frozen-dtype` outside
+autocast, real score under autocast (fp32 norms, softmax and CFG), posterior noise in fp32; `--frozen-dtype fp32`
+alone does not give the authors' placement. Without mixed precision both are the same fp32 computation. Logged
+losses are unweighted (the reference logs LPIPS times its weight 2).
 
 Randomness: every draw of a micro-step (degradation, posterior sample, timesteps, noise) comes from one
 generator seeded by (seed, micro-step, process), and crops from (seed, epoch, position). Nothing depends on
@@ -33,6 +36,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +162,8 @@ class Trainer:
 
         # networks (spec §2): LoRA init drawn from the seeded global RNG
         set_seed(run.seed)
-        nets: Networks = build_networks(mc.base, mc.rank, mc.fake_lora, self.dtype, mc.gradient_checkpointing)
+        nets: Networks = build_networks(mc.base, mc.rank, mc.fake_lora, self.dtype, mc.gradient_checkpointing,
+                                        run.amp_placement)
         self.nets, self.model = nets, nets.generator.model
         self.real = nets.real.to(acc.device)
         self.alphas = schedule.alphas_cumprod().to(acc.device)
@@ -172,8 +177,8 @@ class Trainer:
         acc.register_save_state_pre_hook(self._save_trainable)
         acc.register_load_state_pre_hook(self._load_trainable)
 
-        # the negative prompt, encoded once (spec §8.18); clone: the cache may hold inference-mode tensors
-        self.c_neg = self.model.encode_text([d.neg_prompt]).clone()  # (1, 77, D)
+        # the negative prompt, encoded once (spec §8.18)
+        self.c_neg = self.encode_prompts([d.neg_prompt])  # (1, 77, D)
         self.history: list[dict[str, float]] = []
 
     # --- the recipe ------------------------------------------------------------------------------------------
@@ -186,7 +191,7 @@ class Trainer:
 
         lq = degrade_face(hq, self.degradation, g) if self.cfg.data.face else degrade(hq, self.degradation, g)
         prompts = self.prompts(hq, paths)
-        c = self.model.encode_text(prompts).clone()
+        c = self.encode_prompts(prompts)
         return Batch(x_H=hq * 2 - 1, x_L=lq.clamp(0, 1) * 2 - 1, c=c, prompts=prompts)
 
     def step(self, batch: Batch, g: torch.Generator) -> Losses:
@@ -201,11 +206,13 @@ class Trainer:
             with acc.autocast():
                 # 2. data losses in pixel space, [-1, 1]
                 l2 = L.l2_loss(x_hat, batch.x_H)
-                lpips = self.lpips(x_hat, batch.x_H).mean() if self.lpips is not None else l2.new_zeros(())
+                # (.float(): the reference's LPIPS is an accelerate-prepared module, its output converted to fp32)
+                lpips = self.lpips(x_hat, batch.x_H).float().mean() if self.lpips is not None else l2.new_zeros(())
                 # 3. VSD: real score with CFG on the negative prompt, fake score without; DMD normalisation
                 t = L.sample_timesteps(b, lc.vsd_t_min, lc.vsd_t_max, g, dev)
                 eps = torch.randn(z_hat.shape, generator=g, device=dev)
-                x0_real, x0_fake = L.vsd_x0(z_hat, t, eps, self.alphas, c, c_neg, self.real, self.fake, lc.cfg_vsd)
+                x0_real, x0_fake = L.vsd_x0(z_hat, t, eps, self.alphas, c, c_neg, self.real, self.fake, lc.cfg_vsd,
+                                            self.cfg_dtype)
                 vsd = L.vsd_loss(z_hat, x0_real, x0_fake)
 
             # 4. generator update: L2 + 2·LPIPS + 1·VSD, clip 1.0, AdamW
@@ -280,6 +287,17 @@ class Trainer:
             self.validate()
 
     # --- pieces ----------------------------------------------------------------------------------------------
+    @property
+    def cfg_dtype(self) -> torch.dtype:
+        """dtype of the real score's CFG sum: its own with the reference placement, else float32."""
+        return self.dtype if self.cfg.run.amp_placement == "reference" else torch.float32
+
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """(B, 77, D) float32 embeddings, without gradient. Reference placement: under the generator's autocast,
+        as the reference encodes inside its autocast-wrapped forward (fp32 weights, autocast matmuls)."""
+        with self.acc.autocast() if self.cfg.run.amp_placement == "reference" else nullcontext():
+            return self.model.encode_text(prompts, cache=False).float()
+
     def prompts(self, hq: Tensor, paths: list[str]) -> list[str]:
         """One training prompt per HQ crop (spec §4.4)."""
         mode = self.cfg.data.prompts
@@ -302,6 +320,7 @@ class Trainer:
         from osediff.degradation.realesrgan import DegradationConfig, check_input
 
         cfg = DegradationConfig.from_yaml(d.degradation) if d.degradation else DegradationConfig()
+        cfg = dataclasses.replace(cfg, jpeg_tables=d.jpeg_tables)
 
         def fits(crop: int) -> bool:
             try:

@@ -45,16 +45,19 @@ def cfg_eps(eps_uncond: Tensor, eps_cond: Tensor, scale: float) -> Tensor:
 
 @torch.no_grad()
 def vsd_x0(z_hat: Tensor, t: Tensor, eps: Tensor, alphas_cumprod: Tensor, c: Tensor, c_neg: Tensor,
-           eps_real: Score, eps_fake: Score, cfg: float) -> tuple[Tensor, Tensor]:
+           eps_real: Score, eps_fake: Score, cfg: float,
+           cfg_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """(x0_real, x0_fake) of the noised ẑ_H, both float32 and without gradient (spec §4.6 step 2).
 
     z_hat (B,4,h,w); t (B,) long; eps (B,4,h,w) the forward-process noise; c, c_neg (B,77,D) the prompt and
     negative-prompt embeddings. The real score sees [c_neg, c] in one batch of 2B (CFG), the fake one c alone.
+    `cfg_dtype`: dtype of the CFG sum; the reference computes it in the real score's dtype (fp16 in its fp16
+    training; its cast back to fp32 is discarded), then x0 in float32.
     """
     alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)
     z_t = add_noise(z_hat.detach().float(), eps.float(), alpha_bar)
     x0_fake = x0_from_eps(z_t, eps_fake(z_t, t, c), alpha_bar)
-    eps_u, eps_c = eps_real(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c_neg, c])).chunk(2)
+    eps_u, eps_c = eps_real(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c_neg, c])).to(cfg_dtype).chunk(2)
     x0_real = x0_from_eps(z_t, cfg_eps(eps_u, eps_c, cfg), alpha_bar)
     return x0_real, x0_fake
 

@@ -2,7 +2,8 @@
 
     G_θ      generator: VAE encoder + LoRA, UNet + LoRA (three adapters) + trainable conv_in, frozen decoder,
              fp32 master weights; trainable = LoRA + conv_in + VAE-encoder LoRA (4,436,908 params at full size)
-    ε_real   the frozen SD UNet (the "real"/pretrained score), in the frozen dtype (fp16 in the reference)
+    ε_real   the frozen SD UNet (the "real"/pretrained score), in the frozen dtype (fp16 in the reference), outside
+             autocast with the reference placement (pure fp16, as the reference), under it with "frozen-dtype"
     ε_φ      the fake score: SD UNet + LoRA, fp32, conv_in frozen; mid-block LoRA only by default, which is what
              the reference trains (it never activates its other two adapters, spec §2.5, §8.15)
 
@@ -49,17 +50,21 @@ class Generator(nn.Module):
     x_L (B, 3, H, W) in [-1, 1] (H, W multiples of 8), c (B, 77, D) -> the clean latent ẑ_H (B, 4, H/8, W/8)
     float32 and the decoded image x̂_H (B, 3, H, W) in [-1, 1]. The latent is a posterior *sample* drawn with
     `generator`, as in the reference; nothing is tiled. Gradients flow through the frozen decoder.
+
+    `autocast_moments=True` (the reference placement) keeps the posterior moments in the dtype the encoder gave
+    them, which under autocast is the autocast dtype, so the noise is drawn in it, as diffusers' `latent_dist`
+    does inside the reference's autocast-wrapped forward; False casts them to fp32 first.
     """
 
-    def __init__(self, model: OSEDiffModel):
+    def __init__(self, model: OSEDiffModel, autocast_moments: bool = True):
         super().__init__()
-        self.model = model
+        self.model, self.autocast_moments = model, autocast_moments
 
     def forward(self, x_L: torch.Tensor, c: torch.Tensor,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model
         side = max(x_L.shape[-2:])
-        z_L = m.encode(x_L, sample=True, generator=generator, tile=side)
+        z_L = m.encode(x_L, sample=True, generator=generator, tile=side, cast_moments=not self.autocast_moments)
         z_hat = m.denoise(z_L, c.to(m.dtype), tile=side // 8)
         x_hat = m.decode(z_hat, tile=side // 8)
         return z_hat, x_hat
@@ -68,8 +73,8 @@ class Generator(nn.Module):
 class ScoreUNet(nn.Module):
     """An SD UNet as a score `(z_t, t, c) -> ε` in float32, run in the UNet's own dtype.
 
-    `autocast=False` keeps it out of any surrounding autocast: the reference runs the fake score in fp32 because
-    it calls it outside the autocast-wrapped forward (spec §4.6, "Precision").
+    `autocast=False` keeps it out of any surrounding autocast: the reference runs the fake score in fp32 and the
+    real one in pure fp16 because it calls them outside the autocast-wrapped forward (spec §4.6, "Precision").
     """
 
     def __init__(self, unet: nn.Module, autocast: bool = True):
@@ -95,18 +100,24 @@ class Networks:
 
 
 def build_networks(base: str, rank: int = 4, fake_lora: Literal["mid", "all"] = "mid",
-                   frozen: torch.dtype = torch.float32, gradient_checkpointing: bool = False) -> Networks:
+                   frozen: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
+                   placement: Literal["reference", "frozen-dtype"] = "reference") -> Networks:
     """G_θ, ε_real and ε_φ from one SD 2.1-base, on the CPU (spec §2.2–§2.5).
 
     LoRA: rank `rank`, α = 8, Gaussian A, zero B, so at step 0 G_θ is SD at t=999 and ε_φ equals ε_real without
     CFG. Seed the global RNG first: the LoRA A matrices are drawn from it (generator UNet, VAE, then fake).
+    `placement` (see `RunConfig.amp_placement`): "reference" keeps the text encoder fp32, runs ε_real outside
+    autocast and samples the posterior in the autocast dtype; "frozen-dtype" casts the text encoder to `frozen`
+    too, runs ε_real under autocast and samples in fp32.
     """
     unet, vae, text_encoder, tokenizer = load_base(base)
     unet_targets, vae_targets = lora.unet_lora_targets(unet), lora.vae_lora_targets(vae)
     real_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+    reference = placement == "reference"
     if frozen != torch.float32:
         real_unet.to(frozen)
-        text_encoder.to(frozen)
+        if not reference:
+            text_encoder.to(frozen)
     fake_unet = copy.deepcopy(unet)
 
     lora.add_unet_adapters(unet, unet_targets, rank)
@@ -124,8 +135,8 @@ def build_networks(base: str, rank: int = 4, fake_lora: Literal["mid", "all"] = 
     if gradient_checkpointing:
         for m in (unet, vae, fake_unet):
             m.enable_gradient_checkpointing()
-    return Networks(Generator(model), ScoreUNet(real_unet), ScoreUNet(fake_unet, autocast=False), unet_targets,
-                    vae_targets, rank)
+    return Networks(Generator(model, autocast_moments=reference), ScoreUNet(real_unet, autocast=not reference),
+                    ScoreUNet(fake_unet, autocast=False), unet_targets, vae_targets, rank)
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:

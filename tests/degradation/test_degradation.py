@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 
 import numpy as np
@@ -268,19 +269,84 @@ def test_jpeg_quality_100_is_near_identity_and_lower_quality_hurts_more():
     assert errors == sorted(errors) and errors[0] < errors[-1] / 2
 
 
+def _libjpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """(1, 3, H, W) in [0, 1] -> PIL/libjpeg's round trip (4:2:0), (H, W, 3) float in [0, 1]."""
+    buf = io.BytesIO()
+    arr = (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(arr).save(buf, "JPEG", quality=quality, subsampling="4:2:0")
+    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.float32) / 255)
+
+
 def test_jpeg_per_sample_quality_and_agreement_with_libjpeg():
     x = (smooth_images(2, 48, 48, coarse=12) * 255).round() / 255
     both = jpeg(x, torch.tensor([40.0, 90.0]))
     torch.testing.assert_close(both[0:1], jpeg(x[0:1], 40.0))
     torch.testing.assert_close(both[1:2], jpeg(x[1:2], 90.0))
-    # on a gray image (no chroma) the round trip matches PIL's libjpeg to within about a level
+    # on a gray image (no chroma) the standard orientation matches PIL's libjpeg to within about a level
     gray = x[:1, :1].expand(1, 3, 48, 48)
-    buf = io.BytesIO()
-    arr = (gray[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(arr).save(buf, "JPEG", quality=75)
-    ref = torch.from_numpy(np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255)
-    ours = jpeg(gray, 75.0)[0].permute(1, 2, 0)
-    assert ((ours - ref) ** 2).mean().sqrt() < 2 / 255
+    ours = jpeg(gray, 75.0, tables="standard")[0].permute(1, 2, 0)
+    assert ((ours - _libjpeg(gray, 75)) ** 2).mean().sqrt() < 2 / 255
+
+
+def test_libjpeg_uses_the_standard_orientation_not_the_reference_one():
+    # textured gray content, so the high-frequency entries (where the two orientations differ) are at work
+    gray = ((smooth_images(1, 64, 64, seed=2, coarse=40)[:, :1] * 255).round() / 255).expand(1, 3, 64, 64)
+    for q in (30, 75):
+        ref = _libjpeg(gray, q)
+        err = {t: ((jpeg(gray, float(q), tables=t)[0].permute(1, 2, 0) - ref) ** 2).mean().item()
+               for t in ("standard", "reference")}
+        assert err["standard"] < err["reference"] / 2, (q, err)
+
+
+def _basis_block(u: int, v: int, amplitude: float) -> torch.Tensor:
+    """A 16×16 gray image (1, 3, 16, 16) in [0, 1]: every 8×8 block is 128 + amplitude·(DCT basis (u, v)),
+    i.e. its only non-zero DCT coefficient is `amplitude` at vertical frequency u, horizontal frequency v."""
+    d = dct_matrix(torch.float64)
+    block = 128 + amplitude * torch.outer(d[u], d[v])  # X = Dᵀ F D with F = amplitude·e_(u,v)
+    return (block.repeat(2, 2) / 255).expand(1, 3, 16, 16)
+
+
+def test_jpeg_tables_orientation_on_single_dct_basis_blocks():
+    # At q = 50 (scale 100 %) Annex K's luminance table K.1 has 11 at row 0, column 1 (vertical frequency 0,
+    # horizontal 1) and 12 at row 1, column 0. A coefficient of 17 is quantised to round(17/11)·11 = 22 by the
+    # standard orientation and to round(17/12)·12 = 12 by the transposed (reference) one, and vice versa for
+    # the transposed basis block. The colour transform of a gray image leaves chroma flat (no chroma coefficient).
+    cases = {("standard", 0, 1): 22, ("reference", 0, 1): 12, ("standard", 1, 0): 12, ("reference", 1, 0): 22}
+    for (tables, u, v), kept in cases.items():
+        y = jpeg(_basis_block(u, v, 17.0), 50.0, tables=tables)
+        torch.testing.assert_close(y, _basis_block(u, v, float(kept)), rtol=0, atol=1e-9,
+                                   msg=f"{tables} ({u}, {v})")
+    # the tables themselves: the reference orientation is the transpose, and chroma (K.2) is symmetric
+    from osediff.degradation.jpeg import quantisation_tables
+
+    q = torch.tensor([50.0, 80.0], dtype=torch.float64)
+    (ls, cs), (lr, cr) = quantisation_tables(q, "standard"), quantisation_tables(q, "reference")
+    assert ls[0, 0, 1] == 11 and ls[0, 1, 0] == 12 and lr[0, 0, 1] == 12 and lr[0, 1, 0] == 11
+    torch.testing.assert_close(lr, ls.transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(cr, cs, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="jpeg tables"):
+        quantisation_tables(q, "transposed")
+
+
+def test_degradation_jpeg_tables_default_is_the_reference_and_standard_differs(tmp_path):
+    assert DegradationConfig().jpeg_tables == "reference"
+    assert DegradationConfig.from_yaml().jpeg_tables == "reference"  # the reference's YAML has no such key
+    path = tmp_path / "deg.yml"
+    text = (__import__("importlib").resources.files("osediff") / "data" / "params_realesrgan.yml").read_text()
+    path.write_text(text + "\njpeg_tables: standard\n")
+    assert DegradationConfig.from_yaml(path).jpeg_tables == "standard"
+    with pytest.raises(ValueError, match="jpeg_tables"):
+        DegradationConfig(jpeg_tables="libjpeg")
+    hq = smooth_images(2, 80, 80, coarse=24)
+    ref = degrade(hq, CFG, gen(1))
+    std = degrade(hq, DegradationConfig(jpeg_tables="standard"), gen(1))
+    assert not torch.equal(ref, std)
+    # same random choices, only the tables differ: at q = 100 (all-ones tables) the two orientations agree
+    import dataclasses
+
+    lossless = dataclasses.replace(CFG, jpeg_range=(100.0, 100.0), jpeg_range2=(100.0, 100.0))
+    torch.testing.assert_close(degrade(hq, lossless, gen(1)),
+                               degrade(hq, dataclasses.replace(lossless, jpeg_tables="standard"), gen(1)))
 
 
 # -------------------------------------------------------------------------------------------------- face
@@ -332,6 +398,12 @@ def test_degrade_cli_end_to_end(tmp_path, caplog):
     small = tmp_path / "small"
     assert command.run(_parse([str(hq_dir), "-o", str(small), "--no-resize-back"])) == 0
     assert Image.open(small / "a.png").size == (20, 24)
+    standard = tmp_path / "standard"
+    assert command.run(_parse([str(hq_dir), "-o", str(standard), "--seed", "5", "--jpeg-tables", "standard"])) == 0
+    assert json.loads((standard / "degradation.json").read_text())["config"]["jpeg_tables"] == "standard"
+    assert json.loads((lq_dir / "degradation.json").read_text())["config"]["jpeg_tables"] == "reference"
+    assert not np.array_equal(np.asarray(Image.open(standard / "a.png")), first)
     face = tmp_path / "face"
+    assert command.run(_parse([str(hq_dir), "-o", str(face), "--face", "--jpeg-tables", "standard"])) == 2
     assert command.run(_parse([str(hq_dir), "-o", str(face), "--face"])) == 0
     assert Image.open(face / "b.png").size == (100, 88)
