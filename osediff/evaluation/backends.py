@@ -34,7 +34,8 @@ PYIQA_NAMES = {"lpips": "lpips", "dists": "dists", "musiq": "musiq", "maniqa": "
                "clipiqa": "clipiqa", "fid": "fid"}
 PYIQA_INSTALL_HINT = ("pip install 'osediff[eval]' (pyiqa and matplotlib; the authors used pyiqa==0.1.10; "
                       "pyiqa is non-commercial: see README)")
-PERMISSIVE_INSTALL_HINT = "pip install 'osediff[eval-permissive]' (torchmetrics, torch-fidelity, DISTS_pytorch, torchvision)"
+PERMISSIVE_INSTALL_HINT = ("pip install 'osediff[eval-permissive]' (torchmetrics, torch-fidelity, piq, DISTS_pytorch, "
+                           "torchvision)")
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,10 @@ SOURCES: dict[tuple[str, str], Source] = {
         "MIT (DISTS_pytorch); needs torchvision (BSD-3-Clause) and its ImageNet VGG16",
         True, "same network and weights as pyiqa's port; expected to agree, not verified in osediff's tests"),
     ("clipiqa", "permissive"): Source(
-        "clipiqa", "permissive", "torchmetrics CLIPImageQualityAssessment('clip_iqa', prompts=('quality',))",
-        "Apache-2.0 (torchmetrics); CLIP weights under their own licence", False,
-        "different CLIP backbone/prompt handling from pyiqa's clipiqa: not the paper's numbers"),
+        "clipiqa", "permissive", "torchmetrics CLIPImageQualityAssessment('clip_iqa', prompts=('quality',)) (piq's "
+        "CLIP RN50)", "Apache-2.0 (torchmetrics, piq); CLIP weights: OpenAI CLIP (MIT)", False,
+        "one prompt pair ('Good photo.'/'Bad photo.'), while pyiqa's clipiqa averages five pairs: not the "
+        "paper's numbers"),
     ("fid", "permissive"): Source(
         "fid", "permissive", "torchmetrics FrechetInceptionDistance(feature=2048) (torch-fidelity Inception)",
         "Apache-2.0 (torchmetrics, torch-fidelity)", False,
