@@ -260,6 +260,10 @@ def load_learned_metrics(names: list[str] | tuple[str, ...], *, backend: str = "
             continue
         except Exception as e:  # missing weights, failed download...
             unavailable[name] = f"could not create the permissive {name} ({type(e).__name__}: {e})"
+            if name != "lpips":  # LPIPS's message already lists its flags, env variables and folders
+                unavailable[name] += (f". {SOURCES[name, 'permissive'].implementation.split(' ')[0]} downloads its "
+                                      f"weights on first use into the torch hub cache {torch.hub.get_dir()}; "
+                                      "offline, run once with network access or copy the weight files there")
             continue
         versions[name] = f"{SOURCES[name, 'permissive'].implementation}, torch {torch.__version__}, {device}"
     return metrics, versions, unavailable

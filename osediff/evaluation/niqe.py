@@ -46,9 +46,10 @@ _SHIFTS = ((0, 1), (1, 0), (1, 1), (1, -1))  # horizontal, vertical and the two 
 def _float32_input(rgb: np.ndarray) -> np.ndarray:
     """RGB in [0, 1] as the float32 tensor the authors' script fed pyiqa.
 
-    Their script divides 8-bit values by 255 on the GPU, and torch divides by a scalar by multiplying with its
-    float32 reciprocal, so an 8-bit value k becomes `k · float32(1/255)`, which for some k is one ulp off the
-    correctly rounded k/255. Inputs that are exactly 8-bit levels get that; any other input is rounded to float32.
+    Their script divides float32 8-bit values by 255 on the GPU, where torch multiplies by the float32 reciprocal
+    instead, so an 8-bit value k becomes `k · float32(1/255)`, for some k one ulp off the correctly rounded k/255.
+    (Inferred, not read: of the variants tried on RealSR only this one reproduces the log.) Inputs that are
+    exactly 8-bit levels get that; any other input is rounded to float32.
     """
     rgb = np.asarray(rgb, dtype=np.float64)
     levels = np.round(rgb * 255.0)
@@ -66,9 +67,10 @@ def rgb_to_y255(rgb: np.ndarray) -> np.ndarray:
     """YIQ luma of `(..., 3, H, W)` RGB in [0, 1] as rounded grey levels: `(..., H, W)` float64 in [0, 255].
 
     Computed as pyiqa's `rgb2yiq` ran on the authors' GPU: float32 input (`_float32_input`), the 3-term dot
-    product accumulated R, G, B with fused multiply-adds, times 255 in float32, rounded half to even. Y·255
-    often lands within float32 rounding of a half integer, and NIQE moves by up to 1e-2 when a few of those
-    pixels round the other way, so each rounding step is reproduced.
+    product accumulated R, G, B with fused multiply-adds (the order that reproduces the log; plain float32
+    sums or the B-first order do not), times 255 in float32, rounded half to even. Y·255 is often a half
+    integer up to float32 rounding, and on RealSR NIQE moves by up to 2e-2 when a few such pixels round the
+    other way, so each rounding step is reproduced.
     """
     x = _float32_input(rgb)
     w = [np.float32(c) for c in _Y_WEIGHTS]
@@ -156,9 +158,10 @@ def imresize_taps(in_size: int, out_size: int, antialias: bool = True) -> tuple[
 
 
 def _resize_axis(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    """Resize one axis of `x` in x's dtype. The taps are summed in the order of torch's GPU reduction in pyiqa's
-    port: four interleaved partial sums (taps 0, 4, 8, ... | 1, 5, 9, ... | ...), then chained left to right.
-    In float32 that order decides the last bit, and the last bit decides NIQE's shape look-ups (up to 3e-3)."""
+    """Resize one axis of `x` in x's dtype, summing the taps as four interleaved partial sums (taps 0, 4, 8, ... |
+    1, 5, 9, ... | ...) chained left to right: the order of a GPU sum over pyiqa's tap axis, as we infer from
+    the log (a plain left-to-right or a pairwise sum misses it on 2 of 100 images by up to 3e-3: in float32 the
+    order decides the last bit, and the last bit can flip NIQE's shape look-ups)."""
     index, weight = imresize_taps(x.shape[axis], out_size)
     x = np.moveaxis(x, axis, 0)  # (in, ...)
     partial = [np.zeros((out_size, *x.shape[1:]), dtype=x.dtype) for _ in range(4)]

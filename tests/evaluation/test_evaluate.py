@@ -485,6 +485,20 @@ def test_permissive_adapters_with_fake_libraries(tmp_path, monkeypatch):
     assert "torchmetrics" in ev.versions["fid"] and ev.sources()["fid"]["comparable_with_paper"] is False
 
 
+def test_permissive_backend_with_a_failing_download(monkeypatch):
+    import torch
+
+    class Offline(torch.nn.Module):
+        def __init__(self):
+            raise ConnectionError("no network")
+
+    module = types.ModuleType("DISTS_pytorch")
+    module.DISTS = Offline
+    monkeypatch.setitem(sys.modules, "DISTS_pytorch", module)
+    _, _, unavailable = load_learned_metrics(["dists"], backend="permissive", device="cpu")
+    assert "ConnectionError: no network" in unavailable["dists"] and "torch hub cache" in unavailable["dists"]
+
+
 def test_permissive_backend_without_its_libraries(monkeypatch):
     for name in ("DISTS_pytorch", "torchmetrics", "torchmetrics.image", "torchmetrics.image.fid"):
         monkeypatch.setitem(sys.modules, name, None)
