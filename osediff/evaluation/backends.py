@@ -7,7 +7,7 @@ Three kinds of implementation:
 - **pyiqa** (`--backend pyiqa`, the default; LPIPS, DISTS, MUSIQ, MANIQA, CLIPIQA, FID): the library the
   authors used (spec §5.1), so the numbers are the paper's. Every pyiqa release is non-commercial: 0.1.10 (the
   authors' pin) ships CC BY-NC-SA 4.0 plus the NTU S-Lab License 1.0 in its LICENSE files despite an "Apache"
-  classifier, and >= 0.1.16 is PolyForm Noncommercial 1.0. It also pulls torchvision.
+  classifier, and >= 0.1.16 is PolyForm Noncommercial 1.0.0 (plus the S-Lab licence). It also pulls torchvision.
 - **permissive** (`--backend permissive`): permissively licensed code for the same metrics where it exists —
   LPIPS-VGG in-house, DISTS from its authors' MIT package `DISTS_pytorch`, CLIP-IQA and FID from `torchmetrics`
   (Apache-2.0). Not every one gives pyiqa's numbers: `SOURCES` says which, and why.
@@ -27,7 +27,7 @@ import numpy as np
 
 BACKENDS = ("pyiqa", "permissive")
 PYIQA_LICENCE = ("non-commercial: pyiqa 0.1.10 is CC BY-NC-SA 4.0 + NTU S-Lab License 1.0 (its 'Apache' "
-                 "classifier is wrong), pyiqa >= 0.1.16 is PolyForm Noncommercial 1.0")
+                 "classifier is wrong), pyiqa >= 0.1.16 is PolyForm Noncommercial 1.0.0 + S-Lab")
 IN_HOUSE_LICENCE = "Apache-2.0 (osediff)"
 # Our name -> pyiqa's `create_metric` name, with pyiqa's defaults otherwise (spec §5.1).
 PYIQA_NAMES = {"lpips": "lpips", "dists": "dists", "musiq": "musiq", "maniqa": "maniqa-pipal",
