@@ -7,7 +7,7 @@ super-resolve an LR folder and then score it (reproduce a paper table).
 Writes into --out (default ./eval_<SR or LR folder name>): per_image.csv, summary.json, report.html,
 and the SR images under sr/ when it ran SR. Exit status: 0 all asked metrics computed; 1 the folders do
 not pair (nothing is averaged) or SR failed; 2 bad options; 3 PSNR/SSIM computed but some learned
-metric could not be (pyiqa or its weights missing; the reason is logged and in summary.json).
+metric could not be (its backend or weights missing; the reason is logged and in summary.json).
 """
 
 from __future__ import annotations
@@ -15,7 +15,20 @@ from __future__ import annotations
 import argparse
 import logging
 
-HELP = "evaluate SR images against HR (PSNR/SSIM in-house, learned metrics via pyiqa), or run SR then evaluate"
+HELP = "evaluate SR images against HR (PSNR/SSIM/NIQE in-house, learned metrics via a backend), or run SR then evaluate"
+
+EPILOG = """metric implementations and licences:
+  psnr, ssim, niqe  in-house (osediff, Apache-2.0; NIQE's pristine model from basicsr 1.4.2, Apache-2.0):
+                    the authors' numbers, reproduced to the last logged digit; no optional dependency
+  --backend pyiqa (default): lpips, dists, musiq, maniqa, clipiqa, fid through pyiqa, as the authors (the
+                    paper's numbers). pyiqa is NON-COMMERCIAL: 0.1.10 (the authors' pin) is CC BY-NC-SA 4.0 +
+                    NTU S-Lab License 1.0, >= 0.1.16 is PolyForm Noncommercial 1.0. pip install 'osediff[eval]'
+  --backend permissive: lpips = LPIPS-VGG in-house (Apache-2.0; VGG, not the paper's AlexNet LPIPS: not
+                    comparable), dists = DISTS_pytorch (MIT, the DISTS authors' package that pyiqa
+                    ports: expected to agree, not verified), clipiqa and fid = torchmetrics (Apache-2.0; not
+                    comparable with pyiqa's). musiq and maniqa: pyiqa only.
+                    pip install 'osediff[eval-permissive]'
+summary.json ("implementations") and report.html state, per metric, the backend, licence and comparability."""
 
 log = logging.getLogger("osediff.eval")
 
@@ -23,6 +36,8 @@ EXIT_PAIRING, EXIT_USAGE, EXIT_PARTIAL = 1, 2, 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG  # the licence facts, laid out as written
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     io = parser.add_argument_group("folders")
     io.add_argument("--sr", metavar="DIR", help="SR images to score (omit it and give --base/--weights to run SR)")
     io.add_argument("--hr", metavar="DIR", required=True, help="ground-truth images, paired with SR by file name")
@@ -33,8 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     m = parser.add_argument_group("metrics")
     m.add_argument("--metrics", default="psnr,ssim",
-                   help="comma list of psnr,ssim,lpips,dists,niqe,musiq,maniqa,clipiqa,fid, or 'all' "
-                        "(default: %(default)s); all but psnr,ssim need pyiqa: pip install 'osediff[eval]'")
+                   help="comma list of psnr,ssim,niqe,lpips,dists,musiq,maniqa,clipiqa,fid, or 'all' "
+                        "(default: %(default)s); psnr, ssim, niqe are in-house, the others need --backend")
+    m.add_argument("--backend", choices=("pyiqa", "permissive"), default="pyiqa",
+                   help="implementation of the learned metrics: pyiqa (the paper's numbers, non-commercial "
+                        "licence) or permissive (see below) (default: %(default)s)")
+    m.add_argument("--lpips-vgg", metavar="FILE", help="--backend permissive LPIPS: torchvision vgg16-397923af.pth "
+                                                       "(or OSEDIFF_LPIPS_VGG, the models folder, the torch hub cache)")
+    m.add_argument("--lpips-lin", metavar="FILE", help="--backend permissive LPIPS: lpips v0.1 vgg.pth heads "
+                                                       "(or OSEDIFF_LPIPS_LIN, the models folder, the torch hub cache)")
     m.add_argument("--device", help="torch device for the learned metrics and for SR (default: cuda if available)")
     m.add_argument("--seed", type=int, default=0, help="seed before each learned metric call (MANIQA's "
                                                        "random crops) (default: %(default)s)")
@@ -142,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     # 3. score
     try:
         ev = evaluate(sr_dirs, cfg["hr"], cfg["metrics"], lr_dir=cfg["lr"], device=cfg["device"],
-                      seed=cfg["seed"])
+                      seed=cfg["seed"], backend=cfg["backend"],
+                      weights={"lpips_vgg": cfg["lpips_vgg"], "lpips_lin": cfg["lpips_lin"]})
     except PairingError as e:
         log.error("%s\nNothing was averaged: fix the folders (files are paired by name).", e)
         return EXIT_PAIRING
@@ -163,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     write_summary_json(ev, out / "summary.json", cfg)
     log.info("wrote per_image.csv, summary.json%s into %s", ", report.html" if args.report else "", out)
     if ev.unavailable:
-        log.error("not computed: %s (see the messages above; PSNR/SSIM are complete)", ", ".join(ev.unavailable))
+        log.error("not computed: %s (see the messages above; the in-house metrics are complete)",
+                  ", ".join(ev.unavailable))
         return EXIT_PARTIAL
     return 0

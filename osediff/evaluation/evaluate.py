@@ -6,10 +6,12 @@ missing file silently shifts every later pair. Here files are paired by stem (`C
 folders), and any missing, extra, duplicated or wrongly sized file stops the evaluation with a list of
 what is wrong: no mean is ever taken over a wrong pairing.
 
-PSNR and SSIM are computed in-house (`osediff.evaluation.metrics`, the authors' exact protocol). The learned metrics
-(LPIPS, DISTS, NIQE, MUSIQ, MANIQA-pipal, CLIPIQA, FID) come from pyiqa, the optional extra
-`osediff[eval]`, with the settings of spec §5.1; pyiqa is imported only when one of them is asked for, and
-when it (or a metric's weights) is missing, the in-house metrics still run and the reason is recorded.
+PSNR, SSIM and NIQE are computed in-house (`osediff.evaluation.metrics`, `osediff.evaluation.niqe`: the authors'
+protocol, reproduced to the last logged digit). The learned metrics (LPIPS, DISTS, MUSIQ, MANIQA-pipal, CLIPIQA,
+FID) come from a backend (`osediff.evaluation.backends`): pyiqa by default, as the authors (optional extra
+`osediff[eval]`, non-commercial licence), or permissively licensed code where it exists. Backends are imported
+only when one of their metrics is asked for, and when one (or a metric's weights) is missing, the in-house
+metrics still run and the reason is recorded. `summary.json` names every metric's implementation and licence.
 """
 
 from __future__ import annotations
@@ -30,20 +32,26 @@ from PIL import Image
 from tqdm import tqdm
 
 from osediff import __version__
+from osediff.evaluation.backends import (  # noqa: F401  (re-exported: the metric adapters live there)
+    BACKENDS,
+    FULL_REFERENCE,
+    PYIQA_INSTALL_HINT,
+    PYIQA_NAMES,
+    LearnedMetric,
+    load_learned_metrics,
+    source,
+)
 from osediff.evaluation.metrics import psnr, ssim
+from osediff.evaluation.niqe import niqe
 from osediff.files.images import is_image_file
 
 log = logging.getLogger(__name__)
 
-IN_HOUSE = ("psnr", "ssim")
-PER_IMAGE_LEARNED = ("lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa")
+IN_HOUSE = ("psnr", "ssim", "niqe")
+PER_IMAGE_LEARNED = ("lpips", "dists", "musiq", "maniqa", "clipiqa")
 DATASET_LEVEL = ("fid",)  # one number for the whole folder
 ALL_METRICS = IN_HOUSE + PER_IMAGE_LEARNED + DATASET_LEVEL
-FULL_REFERENCE = frozenset({"psnr", "ssim", "lpips", "dists"})
 LOWER_IS_BETTER = frozenset({"lpips", "dists", "niqe", "fid"})
-# Our name -> pyiqa's `create_metric` name, with pyiqa's defaults otherwise (spec §5.1).
-PYIQA_NAMES = {"lpips": "lpips", "dists": "dists", "niqe": "niqe", "musiq": "musiq",
-               "maniqa": "maniqa-pipal", "clipiqa": "clipiqa", "fid": "fid"}
 
 PROTOCOL = {
     "spec": "osediff spec §5.1 (the authors' test_metrics.py, pyiqa 0.1.10 settings)",
@@ -53,15 +61,15 @@ PROTOCOL = {
             "10*log10(1/(mse + 1e-8)); no border crop",
     "ssim": "BT.601 Y*255 rounded, float64; 11x11 Gaussian sigma 1.5, 'valid'; C1=(0.01*255)^2, "
             "C2=(0.03*255)^2; cs map clamped >= 0; no downsampling; no border crop",
-    "learned": {name: f"pyiqa.create_metric({pyiqa!r}) with its defaults" for name, pyiqa in PYIQA_NAMES.items()},
+    "niqe": "YIQ Y*255 rounded (float32 as on the authors' GPU); top-left crop to 96x96 blocks; MSCN with a 7x7 "
+            "Gaussian (sigma 7/6, replicate); 18 AGGD features per block at full and MATLAB-imresize half scale; "
+            "MATLAB's pristine model; no border crop",
+    "learned": {name: f"pyiqa.create_metric({pyiqa!r}) with its defaults (backend pyiqa)"
+                for name, pyiqa in PYIQA_NAMES.items()},
     "maniqa": "random crops: torch.manual_seed(seed) before each image",
     "fid": "pyiqa fid(hr_dir, sr_dir), Clean-FID mode, one number per folder",
     "mean": "arithmetic mean over images",
 }
-
-PYIQA_INSTALL_HINT = ("pip install 'osediff[eval]' (pyiqa and matplotlib; the authors used pyiqa==0.1.10, "
-                      "and pyiqa >= 0.1.16 is PolyForm-Noncommercial)")
-
 
 # ---------------------------------------------------------------------------------------------- pairing
 @dataclass(frozen=True)
@@ -161,73 +169,6 @@ def parse_metrics(spec: str) -> tuple[str, ...]:
     return tuple(m for m in ALL_METRICS if m in asked)
 
 
-@dataclass(frozen=True)
-class LearnedMetric:
-    """A pyiqa metric adapted to our images: `metric(sr, hr)` with `(3, H, W)` arrays in [0, 1] -> float.
-
-    For 'fid' call `metric.folders(hr_dir, sr_dir)` instead.
-    """
-
-    name: str
-    model: Any  # the object pyiqa.create_metric returned
-    device: str
-    seed: int
-
-    def __call__(self, sr: np.ndarray, hr: np.ndarray) -> float:
-        import torch
-
-        def tensor(x: np.ndarray) -> torch.Tensor:  # (3, H, W) -> (1, 3, H, W) float32, as the authors fed pyiqa
-            return torch.from_numpy(x[None].astype(np.float32)).to(self.device)
-
-        torch.manual_seed(self.seed)  # MANIQA scores random crops; the same crops for every run
-        with torch.no_grad():
-            out = self.model(tensor(sr), tensor(hr)) if self.name in FULL_REFERENCE else self.model(tensor(sr))
-        return float(out.flatten()[0]) if hasattr(out, "flatten") else float(out)
-
-    def folders(self, hr_dir: str | Path, sr_dir: str | Path) -> float:
-        import torch
-
-        with torch.no_grad():
-            out = self.model(str(hr_dir), str(sr_dir))
-        return float(out.flatten()[0]) if hasattr(out, "flatten") else float(out)
-
-
-def load_learned_metrics(names: Sequence[str], *, device: str | None = None, seed: int = 0
-                         ) -> tuple[dict[str, LearnedMetric], dict[str, str], dict[str, str]]:
-    """Create the pyiqa metrics among `names` (spec §5.1 settings).
-
-    Returns (metrics, versions, unavailable): `versions[name]` says which library computed it,
-    `unavailable[name]` says why a metric could not be created and what to install or download.
-    Never raises for a missing pyiqa or missing weights: the caller goes on with the in-house metrics.
-    """
-    names = [n for n in names if n in PYIQA_NAMES]
-    if not names:
-        return {}, {}, {}
-    try:
-        import pyiqa
-        import torch
-    except ImportError as e:
-        reason = f"pyiqa is not installed ({e}): {PYIQA_INSTALL_HINT}"
-        return {}, {}, dict.fromkeys(names, reason)
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    version = f"pyiqa {getattr(pyiqa, '__version__', 'unknown')}, torch {torch.__version__}, {device}"
-    metrics, versions, unavailable = {}, {}, {}
-    for name in names:
-        try:
-            model = pyiqa.create_metric(PYIQA_NAMES[name], device=torch.device(device))
-        except Exception as e:  # pyiqa raises whatever its download or loader raises
-            cache = Path(torch.hub.get_dir()) / "pyiqa"
-            unavailable[name] = (f"pyiqa could not create '{PYIQA_NAMES[name]}' ({type(e).__name__}: {e}). "
-                                 f"pyiqa downloads each metric's weights on first use into {cache} (backbones "
-                                 f"into the torch hub cache {torch.hub.get_dir()}); offline, run once with "
-                                 "network access or copy the weight files there")
-            continue
-        metrics[name] = LearnedMetric(name, model, device, seed)
-        versions[name] = version
-    return metrics, versions, unavailable
-
-
 # ---------------------------------------------------------------------------------------------- running
 @dataclass
 class MethodResult:
@@ -250,6 +191,15 @@ class MethodResult:
         return means | self.dataset_values
 
 
+def _niqe_or_nan(sr: np.ndarray) -> float:
+    """NIQE needs no reference; an image smaller than one 96×96 block has none (NaN, logged), as a mean over
+    such a folder would mean nothing."""
+    if min(sr.shape[-2:]) < 96:
+        log.warning("NIQE is undefined for a %dx%d image (< 96x96): NaN", sr.shape[-1], sr.shape[-2])
+        return math.nan
+    return float(niqe(sr))
+
+
 def evaluate_pairs(pairs: Sequence[Pair], metrics: Sequence[str], *, label: str, sr_dir: str | Path,
                    learned: dict[str, LearnedMetric] | None = None, progress: bool = True) -> MethodResult:
     """Score every pair with the in-house metrics in `metrics` and the `learned` ones, then FID if given.
@@ -258,7 +208,8 @@ def evaluate_pairs(pairs: Sequence[Pair], metrics: Sequence[str], *, label: str,
     """
     learned = learned or {}
     per_image = [m for m in metrics if m in IN_HOUSE or (m in learned and m not in DATASET_LEVEL)]
-    in_house: dict[str, Callable[[np.ndarray, np.ndarray], float | np.ndarray]] = {"psnr": psnr, "ssim": ssim}
+    in_house: dict[str, Callable[[np.ndarray, np.ndarray], float | np.ndarray]] = {
+        "psnr": psnr, "ssim": ssim, "niqe": lambda sr, hr: _niqe_or_nan(sr)}
     values: dict[str, list[float]] = {m: [] for m in per_image}
     seconds: dict[str, float] = dict.fromkeys(per_image, 0.0)
     seconds["read"] = 0.0
@@ -290,6 +241,13 @@ class Evaluation:
     versions: dict[str, str]  # metric -> library that computed it
     unavailable: dict[str, str]  # metric -> why it was not computed
     seconds: dict[str, float]
+    backend: str = "pyiqa"  # for the learned metrics
+
+    def sources(self) -> dict[str, dict[str, Any]]:
+        """metric -> its implementation, licence and comparability with the paper (asked metrics, in order)."""
+        return {m: s.as_dict() if (s := source(m, self.backend)) else
+                {"backend": self.backend, "implementation": None, "licence": None, "comparable_with_paper": None,
+                 "note": f"not offered by the {self.backend} backend"} for m in self.metrics}
 
     @property
     def computed(self) -> list[str]:
@@ -308,6 +266,7 @@ def _labels(dirs: Sequence[Path]) -> list[str]:
 
 def evaluate(sr_dirs: Sequence[str | Path], hr_dir: str | Path, metrics: Sequence[str], *,
              lr_dir: str | Path | None = None, device: str | None = None, seed: int = 0,
+             backend: str = "pyiqa", weights: dict[str, str | None] | None = None,
              progress: bool = True) -> Evaluation:
     """Evaluate one or more SR folders (e.g. ours and the authors') against the same HR folder.
 
@@ -319,19 +278,23 @@ def evaluate(sr_dirs: Sequence[str | Path], hr_dir: str | Path, metrics: Sequenc
     # 1. pair (fails fast, before loading any model)
     all_pairs = [pair_images(d, hr_dir, lr_dir) for d in sr_dirs]
     # 2. learned metrics, if asked for and available
-    learned, versions, unavailable = load_learned_metrics(metrics, device=device, seed=seed)
+    learned, versions, unavailable = load_learned_metrics(metrics, backend=backend, device=device, seed=seed,
+                                                          weights=weights)
     for name, reason in unavailable.items():
         log.error("%s not computed: %s", name, reason)
     for m in IN_HOUSE:
         if m in metrics:
             versions[m] = (f"osediff {__version__} in-house (pyiqa 0.1.10 protocol), numpy {np.__version__}, "
                            f"python {platform.python_version()}")
+    if unavailable:
+        log.info("in-house, without any backend: %s; --backend permissive offers %s", ", ".join(IN_HOUSE),
+                 ", ".join(m for m in ALL_METRICS if source(m, "permissive") and m not in IN_HOUSE))
     # 3. score each folder
     methods = [evaluate_pairs(pairs, metrics, label=label, sr_dir=d, learned=learned, progress=progress)
                for pairs, label, d in zip(all_pairs, _labels(sr_dirs), sr_dirs)]
     seconds = {"evaluate": time.perf_counter() - t0}
     return Evaluation(Path(hr_dir), Path(lr_dir) if lr_dir else None, tuple(metrics), methods, versions,
-                      unavailable, seconds)
+                      unavailable, seconds, backend)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -392,6 +355,8 @@ def summary(ev: Evaluation, config: dict[str, Any] | None = None) -> dict[str, A
         "metrics_computed": ev.computed,
         "unavailable": ev.unavailable,
         "versions": ev.versions,
+        "backend": ev.backend,
+        "implementations": ev.sources(),
         "methods": {r.label: {"sr_dir": str(r.sr_dir),
                               "means": {m: _json_number(v) for m, v in r.means().items()},
                               "seconds": {k: round(v, 4) for k, v in r.seconds.items()}}

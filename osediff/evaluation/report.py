@@ -1,5 +1,6 @@
 """A self-contained HTML report of an evaluation: means, the best and worst images per metric as
-LR | SR | (second method) | HR crops, per-image plots and the full per-image table.
+LR | SR | (second method) | HR crops, per-image plots and the full per-image table, and a table of the metrics with
+their backends, implementations and licences.
 
 Everything is embedded (images as base64 PNG), so the file can be mailed or attached to an issue. Plots need
 matplotlib (part of `osediff[eval]`); without it the report says so and shows the rest. matplotlib is used
@@ -129,6 +130,22 @@ def _means_table(ev: Evaluation) -> str:
     return f"<table><tr><th class=l>method</th><th class=l>folder</th>{head}</tr>{rows}</table>"
 
 
+def _sources_table(ev: Evaluation) -> str:
+    """One row per asked metric: backend, implementation, licence, whether its numbers are the paper's, and
+    the library versions that computed it."""
+    rows = []
+    for m, s in ev.sources().items():
+        comparable = {True: "yes", False: "no", None: "—"}[s["comparable_with_paper"]]
+        status = html.escape(ev.versions.get(m) or ("not computed" if m in ev.unavailable else "—"))
+        cells = [m.upper(), s["backend"], s["implementation"] or "—", s["licence"] or "—", comparable,
+                 s["note"]]
+        rows.append("<tr>" + "".join(f"<td class=l>{html.escape(str(c))}</td>" for c in cells)
+                    + f"<td class=l>{status}</td></tr>")
+    head = "".join(f"<th class=l>{h}</th>" for h in ("metric", "backend", "implementation", "licence",
+                                                     "paper's numbers", "note", "computed by"))
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
 def _per_image_table(ev: Evaluation) -> str:
     metrics = [m for m in ev.computed if m not in DATASET_LEVEL]
     head = "".join(f"<th>{html.escape(r.label)}<br>{m.upper()}</th>" for m in metrics for r in ev.methods)
@@ -154,8 +171,8 @@ def render_report(ev: Evaluation, *, top_k: int = 2, crop: int = 128) -> str:
     if ev.unavailable:
         parts.append('<div class=note><b>Not computed:</b><ul>' + "".join(
             f"<li>{m}: {html.escape(why)}</li>" for m, why in ev.unavailable.items()) + "</ul></div>")
-    parts.append("<h3>Computed by</h3><ul>" + "".join(
-        f"<li>{m}: {html.escape(v)}</li>" for m, v in ev.versions.items()) + "</ul>")
+    parts += [f"<h3>Metrics: implementations and licences (backend {html.escape(ev.backend)})</h3>",
+              _sources_table(ev)]
 
     parts.append("<h2>Best and worst images</h2><p>Each row shows the same region of every image: the "
                  f"{crop}×{crop} HR window where the first method's luma error is largest.</p>")

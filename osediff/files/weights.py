@@ -9,6 +9,10 @@ Every weight is configurable by a flag, an environment variable, or by dropping 
 | OSEDiff LoRA | `--weights` | `OSEDIFF_WEIGHTS` | `osediff.pkl` or `osediff.safetensors` |
 | RAM Swin-L | `--ram` | `OSEDIFF_RAM` | `ram_swin_large_14m.pth` |
 | DAPE LoRA | `--dape` | `OSEDIFF_DAPE` | `DAPE.pth` |
+| LPIPS-VGG trunk (eval `--backend permissive`) | `--lpips-vgg` | `OSEDIFF_LPIPS_VGG` | `vgg16-397923af.pth` |
+| LPIPS-VGG v0.1 heads | `--lpips-lin` | `OSEDIFF_LPIPS_LIN` | `lpips_v0.1_vgg.pth` |
+
+The two LPIPS files may also sit in the torch hub cache, where `osediff.evaluation.lpips` downloads them when online.
 """
 
 from __future__ import annotations
@@ -48,6 +52,13 @@ SPECS = {
                       "Hugging Face xinyu1205/recognize-anything, file ram_swin_large_14m.pth"),
     "dape": WeightSpec("DAPE prompt-extractor LoRA (DAPE.pth)", "--dape", "OSEDIFF_DAPE", ("DAPE.pth",),
                        "the OSEDiff repository (GitHub cswry/OSEDiff, preset/models/DAPE.pth) or the SeeSR release"),
+    "lpips_vgg": WeightSpec("LPIPS-VGG trunk (torchvision ImageNet VGG16, vgg16-397923af.pth)", "--lpips-vgg",
+                            "OSEDIFF_LPIPS_VGG", ("vgg16-397923af.pth",),
+                            "https://download.pytorch.org/models/vgg16-397923af.pth"),
+    "lpips_lin": WeightSpec("LPIPS-VGG v0.1 heads (lpips weights/v0.1/vgg.pth)", "--lpips-lin", "OSEDIFF_LPIPS_LIN",
+                            ("lpips_v0.1_vgg.pth",),
+                            "GitHub richzhang/PerceptualSimilarity, lpips/weights/v0.1/vgg.pth (save it as "
+                            "lpips_v0.1_vgg.pth)"),
 }
 
 

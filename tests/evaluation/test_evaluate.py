@@ -227,13 +227,16 @@ def test_benchmark_subset_end_to_end_matches_the_log(tmp_path):
     for line in (REALSR / "osediff_metrics.log").read_text().splitlines():
         for n in names:
             if f"/{n}.png |" in line:
-                logged[n] = float(line.split("PSNR: ")[1].split(";")[0]), float(line.split("SSIM: ")[1].split(";")[0])
+                logged[n] = tuple(float(line.split(f"{k}: ")[1].split(";")[0]) for k in ("PSNR", "SSIM", "NIQE"))
     out = tmp_path / "out"
     assert cli("--sr", str(tmp_path / "osediff"), "--hr", str(tmp_path / "HR"), "--lr", str(tmp_path / "LR"),
-               "--out", str(out), "--no-report") == 0
+               "--out", str(out), "--no-report", "--metrics", "psnr,ssim,niqe") == 0
     for row in csv.DictReader((out / "per_image.csv").open()):
         assert float(row["psnr"]) == pytest.approx(logged[row["image"]][0], abs=1e-4)
         assert float(row["ssim"]) == pytest.approx(logged[row["image"]][1], abs=1e-4)
+        assert float(row["niqe"]) == pytest.approx(logged[row["image"]][2], abs=1e-4)
+    implementations = json.loads((out / "summary.json").read_text())["implementations"]
+    assert implementations["niqe"]["backend"] == "in-house" and "basicsr" in implementations["niqe"]["licence"]
     assert not (out / "report.html").exists()
 
 
@@ -335,9 +338,9 @@ def test_pyiqa_adapter_wiring_with_a_fake_pyiqa(tmp_path, monkeypatch):
     by_metric = {}
     for name, args in calls:
         by_metric.setdefault(name, []).append(args)
-    assert set(by_metric) == {"lpips", "dists", "niqe", "musiq", "maniqa-pipal", "clipiqa", "fid"}
+    assert set(by_metric) == {"lpips", "dists", "musiq", "maniqa-pipal", "clipiqa", "fid"}  # NIQE is in-house
     assert all(len(a) == 2 for a in by_metric["lpips"] + by_metric["dists"])  # full reference: (sr, hr)
-    assert all(len(a) == 1 for a in by_metric["niqe"] + by_metric["maniqa-pipal"])  # no reference
+    assert all(len(a) == 1 for a in by_metric["musiq"] + by_metric["maniqa-pipal"])  # no reference
     lpips_sr = by_metric["lpips"][1][0]
     assert tuple(lpips_sr.shape) == (1, 3, 28, 32) and str(lpips_sr.dtype) == "torch.float32"
     assert float(lpips_sr.max()) <= 1 and float(lpips_sr.min()) >= 0
@@ -347,6 +350,9 @@ def test_pyiqa_adapter_wiring_with_a_fake_pyiqa(tmp_path, monkeypatch):
     assert r.values["musiq"][1] == pytest.approx(float(read_rgb(sr / "b.png").mean()), abs=1e-6)
     assert ev.versions["lpips"].startswith("pyiqa 9.9.9") and "in-house" in ev.versions["psnr"]
     assert "FID↓" in format_table(ev) and ev.computed == list(ALL_METRICS)
+    assert all(np.isnan(r.values["niqe"]))  # 32×28 images hold no 96×96 block
+    assert ev.sources()["lpips"]["backend"] == "pyiqa" and "CC BY-NC-SA 4.0" in ev.sources()["lpips"]["licence"]
+    assert ev.sources()["niqe"]["backend"] == "in-house" and ev.sources()["niqe"]["comparable_with_paper"]
 
 
 def test_missing_weights_offline_names_the_download(tmp_path, monkeypatch):
@@ -375,3 +381,133 @@ def test_real_pyiqa_lpips_matches_the_log(tmp_path):
     value = metrics["lpips"](read_rgb(pair.sr), read_rgb(pair.hr))
     assert value == pytest.approx(0.224819, abs=1e-3)  # the authors' log (spec §5.2)
     assert versions["lpips"].startswith("pyiqa ")
+
+
+# ---------------------------------------------------------------------------------------------- permissive backend
+def lpips_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A random LPIPS-VGG saved as the two public files' layouts (torchvision trunk, lpips heads)."""
+    import torch
+
+    from osediff.evaluation.lpips import LPIPS
+
+    torch.manual_seed(0)
+    state = LPIPS().state_dict()
+    vgg, lin = tmp_path / "vgg16.pth", tmp_path / "heads.pth"
+    torch.save({k: v for k, v in state.items() if k.startswith("features.")}, vgg)
+    torch.save({k: v.abs() for k, v in state.items() if k.startswith("lin")}, lin)
+    return vgg, lin
+
+
+def test_permissive_backend_lpips_vgg_in_house_and_licences(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyiqa", None)  # the permissive backend never touches pyiqa
+    sr, hr, _ = folders(tmp_path)
+    vgg, lin = lpips_files(tmp_path)
+    out = tmp_path / "out"
+    rc = cli("--sr", str(sr), "--hr", str(hr), "--metrics", "psnr,lpips,musiq", "--backend", "permissive",
+             "--lpips-vgg", str(vgg), "--lpips-lin", str(lin), "--out", str(out), "--crop", "16")
+    assert rc == 3  # musiq has no permissive implementation
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    lpips = [float(r["lpips"]) for r in rows]
+    assert lpips[0] == pytest.approx(0, abs=1e-6) and min(lpips[1:]) > 0  # image a is HR itself
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "permissive"
+    impl = summary["implementations"]
+    assert impl["lpips"]["comparable_with_paper"] is False and "BSD-2-Clause" in impl["lpips"]["licence"]
+    assert impl["psnr"]["backend"] == "in-house" and impl["musiq"]["implementation"] is None
+    assert "no permissively licensed implementation of musiq" in summary["unavailable"]["musiq"]
+    report = (out / "report.html").read_text()
+    assert "implementations and licences (backend permissive)" in report and "AlexNet" in report
+
+
+def test_permissive_lpips_without_weights_says_where_they_go(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("OSEDIFF_MODELS", str(tmp_path / "models"))
+    for env in ("OSEDIFF_LPIPS_VGG", "OSEDIFF_LPIPS_LIN"):
+        monkeypatch.delenv(env, raising=False)
+    metrics, _, unavailable = load_learned_metrics(["lpips"], backend="permissive", device="cpu")
+    assert not metrics
+    why = unavailable["lpips"]
+    assert "--lpips-vgg" in why and "OSEDIFF_LPIPS_LIN" in why and "vgg16-397923af.pth" in why
+
+
+def test_permissive_adapters_with_fake_libraries(tmp_path, monkeypatch):
+    """DISTS_pytorch and torchmetrics are not installed here: fakes at the import boundary check what our
+    adapters pass them (tensor shapes, ranges, real/fake split). The real libraries are not run by this test."""
+    import torch
+
+    calls: list = []
+
+    class FakeDISTS(torch.nn.Module):
+        def forward(self, x, y, require_grad=False, batch_average=True):
+            calls.append(("dists", tuple(x.shape), batch_average, float(x.min()), float(x.max())))
+            return (x - y).abs().mean(dim=(1, 2, 3))
+
+    class FakeCLIPIQA(torch.nn.Module):
+        def __init__(self, model_name_or_path, data_range, prompts):
+            super().__init__()
+            calls.append(("clipiqa-init", model_name_or_path, data_range, prompts))
+
+        def forward(self, x):
+            return x.mean()
+
+    class FakeFID(torch.nn.Module):
+        def __init__(self, feature, normalize):
+            super().__init__()
+            self.n = {True: 0, False: 0}
+            calls.append(("fid-init", feature, normalize))
+
+        def update(self, x, real):
+            assert x.dtype == torch.float32 and x.ndim == 4 and 0 <= float(x.min()) and float(x.max()) <= 1
+            self.n[real] += 1
+
+        def compute(self):
+            return torch.tensor(float(self.n[True] * 10 + self.n[False]))
+
+    dists_mod = types.ModuleType("DISTS_pytorch")
+    dists_mod.DISTS = FakeDISTS
+    tm, tm_mm, tm_img, tm_fid = (types.ModuleType(n) for n in ("torchmetrics", "torchmetrics.multimodal",
+                                                                 "torchmetrics.image", "torchmetrics.image.fid"))
+    tm_mm.CLIPImageQualityAssessment = FakeCLIPIQA
+    tm_fid.FrechetInceptionDistance = FakeFID
+    for name, mod in (("DISTS_pytorch", dists_mod), ("torchmetrics", tm), ("torchmetrics.multimodal", tm_mm),
+                      ("torchmetrics.image", tm_img), ("torchmetrics.image.fid", tm_fid)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    sr, hr, _ = folders(tmp_path)
+    ev = evaluate([sr], hr, ("psnr", "dists", "clipiqa", "fid"), backend="permissive", device="cpu",
+                  progress=False)
+    assert not ev.unavailable and ev.methods[0].values["dists"][0] == 0
+    dists_calls = [c for c in calls if c[0] == "dists"]
+    assert len(dists_calls) == 3 and all(c[1:3] == ((1, 3, 28, 32), False) for c in dists_calls)
+    assert all(0 <= c[3] and c[4] <= 1 for c in dists_calls)  # images in [0, 1], as DISTS_pytorch expects
+    assert ("clipiqa-init", "clip_iqa", 1.0, ("quality",)) in calls and ("fid-init", 2048, True) in calls
+    assert ev.methods[0].dataset_values["fid"] == 33  # 3 real (HR) and 3 fake (SR) images
+    assert "torchmetrics" in ev.versions["fid"] and ev.sources()["fid"]["comparable_with_paper"] is False
+
+
+def test_permissive_backend_with_a_failing_download(monkeypatch):
+    import torch
+
+    class Offline(torch.nn.Module):
+        def __init__(self):
+            raise ConnectionError("no network")
+
+    module = types.ModuleType("DISTS_pytorch")
+    module.DISTS = Offline
+    monkeypatch.setitem(sys.modules, "DISTS_pytorch", module)
+    _, _, unavailable = load_learned_metrics(["dists"], backend="permissive", device="cpu")
+    assert "ConnectionError: no network" in unavailable["dists"] and "torch hub cache" in unavailable["dists"]
+
+
+def test_permissive_backend_without_its_libraries(monkeypatch):
+    for name in ("DISTS_pytorch", "torchmetrics", "torchmetrics.image", "torchmetrics.image.fid"):
+        monkeypatch.setitem(sys.modules, name, None)
+    metrics, _, unavailable = load_learned_metrics(["dists", "fid", "niqe"], backend="permissive", device="cpu")
+    assert not metrics and set(unavailable) == {"dists", "fid"}
+    assert all("osediff[eval-permissive]" in why for why in unavailable.values())
+
+
+def test_without_pyiqa_the_message_lists_the_in_house_metrics(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyiqa", None)
+    _, _, unavailable = load_learned_metrics(["lpips"], device="cpu")
+    assert "psnr, ssim and niqe are in-house" in unavailable["lpips"] and "--backend permissive" in unavailable["lpips"]
