@@ -21,9 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-merge", dest="merge", action="store_false",
                    help="keep LoRA as peft adapters like the reference (slower; bit-faithful in fp16)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES,
-                   help="default: fp16 on cuda/mps, fp32 on cpu; vae-bf16 = VAE in bf16, rest fp32 (fast on "
-                        "AVX512-BF16 CPUs, close to fp32)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto (default): fp16 on cuda/mps; on cpu bf16 where it is native (AVX512-BF16/AMX), else "
+                        "fp32; vae-bf16 = VAE in bf16, rest fp32 (closer to fp32); --dry-run shows the pick")
     p.add_argument("--ext", default="png", help="output format: png (default), jpg, webp, ..., or auto (= input's)")
     p.add_argument("--suffix", default="", help="appended to output names: <stem>_<suffix>.<ext>")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists (resume)")
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.dry_run:
             print(to_json(options))
+            print(_precision_line(args.device, args.dtype))
             for p in collect_inputs(args.inputs):
                 print(p)
             return 0
@@ -68,3 +69,14 @@ def run(args: argparse.Namespace) -> int:
     except (MissingWeightsError, FileNotFoundError, ValueError) as e:
         logging.getLogger("osediff").error("%s", e)
         return 2
+
+
+def _precision_line(device: str | None, dtype: str) -> str:
+    """`--dry-run`'s account of the device and precision a run would use, and why."""
+    import torch
+
+    from osediff.core.pipeline import choose_dtype, default_device
+
+    dev = torch.device(device) if device else default_device()
+    choice = choose_dtype(dtype, dev)
+    return f"# device {dev}, dtype {choice.name}: {choice.reason}"

@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -61,6 +62,10 @@ class OSEDiffModel(nn.Module):
         self.alpha_bar = schedule.alphas_cumprod()[schedule.TIMESTEP].item()
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
+        # fp16/bf16 safety (see `_rerun_nonfinite`): on by default, counts what was rerun in fp32
+        self.check_finite = True
+        self.reruns: Counter[str] = Counter()
+        self._warned_nonfinite = False
         self.requires_grad_(False)
         self.eval()
 
@@ -133,30 +138,47 @@ class OSEDiffModel(nn.Module):
         return z * schedule.VAE_SCALING
 
     def denoise(self, z: torch.Tensor, prompt_embeds: torch.Tensor, *, tile: int = 96, overlap: int = 32,
-                tile_batch: int = 1) -> torch.Tensor:
-        """One UNet step at t=999 and the closed-form x0 (spec §1.7, §1.8): (B,4,h,w) -> float32 (B,4,h,w)."""
+                tile_batch: int = 1, fp32_fallback: bool = False) -> torch.Tensor:
+        """One UNet step at t=999 and the closed-form x0 (spec §1.7, §1.8): (B,4,h,w) -> float32 (B,4,h,w).
+
+        `fp32_fallback`: check every tile's ε̂ and rerun a non-finite one with the UNet in fp32 (one host
+        sync per tile, so only on the rerun path of `forward`)."""
         b = z.shape[0]
 
         def eps_fn(tiles: torch.Tensor) -> torch.Tensor:
             reps = tiles.shape[0] // b  # tiles of the same images are stacked along the batch axis
-            c = prompt_embeds.repeat(reps, 1, 1)
+            c = prompt_embeds.repeat(reps, 1, 1).to(self.dtype)
             t = torch.full((tiles.shape[0],), schedule.TIMESTEP, device=tiles.device, dtype=torch.long)
             return self.unet(tiles.to(self.dtype), t, encoder_hidden_states=c).sample
 
-        eps = tiled_apply(eps_fn, z, tile, overlap, tile_batch)
+        def checked_eps_fn(tiles: torch.Tensor) -> torch.Tensor:
+            eps = eps_fn(tiles)
+            if self.dtype == torch.float32 or torch.isfinite(eps).all():
+                return eps
+            self.reruns["unet_tiles"] += 1
+            with _in_fp32(self.unet):
+                return eps_fn(tiles)
+
+        eps = tiled_apply(checked_eps_fn if fp32_fallback else eps_fn, z, tile, overlap, tile_batch)
         return schedule.x0_from_eps(z, eps, self.alpha_bar)
 
     def decode(self, z0: torch.Tensor, *, tile: int = 224, tile_batch: int = 1,
                offload: str | None = None) -> torch.Tensor:
         """Scaled clean latent (B,4,h,w) -> image (B,3,8h,8w) in [-1,1] (clamped), spec §1.9."""
-        z = z0.to(self.vae.dtype) / schedule.VAE_SCALING
-        if max(z.shape[-2:]) <= tile + 2 * _DEC_PAD:
-            y = self.vae.decoder(self.vae.post_quant_conv(z))
-        else:
-            from osediff.tiling.vae import decode_latents
+        return self._decode(z0, tile=tile, tile_batch=tile_batch, offload=offload).clamp(-1, 1)
 
-            y = decode_latents(self.vae, z, tile=tile, tile_batch=tile_batch, offload=offload)
-        return y.clamp(-1, 1)
+    def _decode(self, z0: torch.Tensor, *, tile: int, tile_batch: int, offload: str | None) -> torch.Tensor:
+        """`decode` before the clamp (where a NaN would still be visible), in the decoder's dtype."""
+        z = z0.to(self._decoder_dtype) / schedule.VAE_SCALING
+        if max(z.shape[-2:]) <= tile + 2 * _DEC_PAD:
+            return self.vae.decoder(self.vae.post_quant_conv(z))
+        from osediff.tiling.vae import decode_latents
+
+        return decode_latents(self.vae, z, tile=tile, tile_batch=tile_batch, offload=offload)
+
+    @property
+    def _decoder_dtype(self) -> torch.dtype:
+        return self.vae.post_quant_conv.weight.dtype
 
     def forward(self, x: torch.Tensor, prompt_embeds: torch.Tensor, *, sample: bool = False,
                 generator: torch.Generator | None = None, tile: int = 96, tile_overlap: int = 32,
@@ -168,8 +190,65 @@ class OSEDiffModel(nn.Module):
         small GPUs; slower)."""
         z = self.encode(x, sample=sample, generator=generator, tile=vae_encoder_tile, tile_batch=tile_batch,
                         offload=vae_offload)
-        z0 = self.denoise(z, prompt_embeds.to(self.dtype), tile=tile, overlap=tile_overlap, tile_batch=tile_batch)
-        return self.decode(z0, tile=vae_decoder_tile, tile_batch=tile_batch, offload=vae_offload)
+        c = prompt_embeds.to(self.dtype)
+        z0 = self.denoise(z, c, tile=tile, overlap=tile_overlap, tile_batch=tile_batch)
+        dec = dict(tile=vae_decoder_tile, tile_batch=tile_batch, offload=vae_offload)
+        y = self._decode(z0, **dec)
+        if self.check_finite and (self.dtype, self._decoder_dtype) != (torch.float32, torch.float32):
+            y = self._rerun_nonfinite(z, c, z0, y, dict(tile=tile, overlap=tile_overlap, tile_batch=tile_batch), dec)
+        return y.clamp(-1, 1)
+
+    def _rerun_nonfinite(self, z, c, z0, y, unet_kw: dict, dec_kw: dict) -> torch.Tensor:
+        """fp16/bf16 safety: an image whose x̂0 (after the UNet) or decoded pixels (before the clamp) hold an inf
+        or NaN is rerun with that stage in fp32 — the UNet tile by tile, so only the tiles that overflowed
+        pay; the decoder for the whole image, since the exact tiled decoder shares GroupNorm statistics across
+        tiles. Costs one isfinite pass over x̂0 and y and one host sync per call when nothing overflows."""
+        ok_unet, ok_dec = torch.stack([_finite_per_image(z0), _finite_per_image(y).to(z0.device)]).tolist()
+        if all(ok_unet) and all(ok_dec):
+            return y
+        y = y.clone()
+        for i, (u_ok, d_ok) in enumerate(zip(ok_unet, ok_dec)):
+            if u_ok and d_ok:
+                continue
+            self.reruns["images"] += 1
+            stage = "UNet" if not u_ok else "VAE decoder"
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                log.warning("non-finite values after the %s in %s: rerunning that image in fp32 (counted in the "
+                            "run summary; further cases are logged at debug level)", stage, self.dtype)
+            else:
+                log.debug("non-finite values after the %s: rerunning image %d of the batch in fp32", stage, i)
+            zi0 = z0[i:i + 1]
+            if not u_ok:
+                zi0 = self.denoise(z[i:i + 1], c[i:i + 1], fp32_fallback=True, **unet_kw)
+            yi = self._decode(zi0, **dec_kw) if not u_ok else y[i:i + 1]
+            if not bool(_finite_per_image(yi).all()) and self._decoder_dtype != torch.float32:
+                self.reruns["decoder"] += 1
+                with _in_fp32(self.vae.post_quant_conv, self.vae.decoder):
+                    yi = self._decode(zi0, **dec_kw)
+            if not bool(_finite_per_image(yi).all()):
+                log.error("non-finite values remain after the fp32 rerun (non-finite input or latent?)")
+            y[i:i + 1] = yi.to(y.dtype)
+        return y
+
+
+def _finite_per_image(t: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B,) bool on t's device: no inf or NaN in that image (no host sync)."""
+    return torch.isfinite(t).flatten(1).all(1)
+
+
+@contextmanager
+def _in_fp32(*modules: nn.Module):
+    """Run `modules` in fp32 for the duration, then cast them back: fp16/bf16 -> fp32 -> fp16/bf16 is exact, so
+    the weights afterwards are bit for bit what they were (in place: no second copy of the weights)."""
+    dtypes = [next(m.parameters()).dtype for m in modules]
+    for m in modules:
+        m.float()
+    try:
+        yield
+    finally:
+        for m, dt in zip(modules, dtypes):
+            m.to(dt)
 
 
 def apply_weights(unet: nn.Module, vae: nn.Module, w: OSEDiffWeights, *, merge: bool = True) -> None:
