@@ -28,27 +28,108 @@ log = logging.getLogger(__name__)
 _ENC_PAD, _DEC_PAD = 32, 11
 
 
-def load_base(base: str, dtype: torch.dtype = torch.float32):
+def load_base(base: str, dtype: torch.dtype = torch.float32, weights: OSEDiffWeights | None = None):
     """(unet, vae, text_encoder, tokenizer) of SD 2.1-base from a diffusers folder or hub id, on the CPU in
-    `dtype` (fp32 by default, so LoRA merges in full precision); the caller moves them to their device."""
+    `dtype`, with `weights`' LoRA merged in (spec §3.3) when given; the caller moves them to their device.
+
+    Low memory: from a local folder with one .safetensors file per module, each module is built empty (meta
+    parameters) and filled tensor by tensor (read, LoRA merged in fp32, cast to `dtype`), so the fp32 model
+    never exists and a bf16 load peaks near the bf16 model's size. The values are those of merging an fp32
+    model and casting it afterwards. Anything else (hub ids, sharded or .bin files, legacy key names) takes
+    the libraries' loaders in fp32, the same merge, then the cast.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from osediff.files.weights import MissingWeightsError, missing_message
 
+    unet_edits, vae_edits = merge_edits(weights) if weights is not None else ({}, {})
     try:
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
         # eager attention: the reference's transformers 4.28 computed CLIP attention explicitly, and SDPA (the
         # default of transformers >= 4.36) rounds differently in fp16
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype,
-                                                     attn_implementation="eager")
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype)
+        text_encoder = _load_module(
+            base, "text_encoder", dtype, {},
+            lambda d: CLIPTextModel(CLIPTextConfig.from_pretrained(d, attn_implementation="eager")),
+            lambda: CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch.float32,
+                                                  attn_implementation="eager"))
+        unet = _load_module(base, "unet", dtype, unet_edits,
+                            lambda d: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(d)),
+                            lambda: UNet2DConditionModel.from_pretrained(base, subfolder="unet",
+                                                                         torch_dtype=torch.float32))
+        vae = _load_module(base, "vae", dtype, vae_edits,
+                           lambda d: AutoencoderKL.from_config(AutoencoderKL.load_config(d)),
+                           lambda: AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32))
     except OSError as e:
         raise MissingWeightsError(f"{missing_message('base', base)}\n  ({type(e).__name__}: {e})") from e
+    _trim_heap()
     if unet.config.sample_size == 96:  # 96 latent px = 768 image px: SD 2.1 (v-prediction), OSEDiff issue #65
         log.warning("%s looks like SD 2.1 (768, v-prediction); OSEDiff needs SD 2.1-base (512, epsilon)", base)
     return unet, vae, text_encoder, tokenizer
+
+
+def merge_edits(w: OSEDiffWeights) -> tuple[dict, dict]:
+    """(UNet edits, VAE edits): parameter name -> function(fp32 base tensor) -> merged fp32 tensor (spec §3.3):
+    conv_in := the stored conv_in (+ its ΔW), every other target W := W + ΔW."""
+    def merger(state, name, adapter, rank):
+        a, b = lora.lora_pair(state, name, adapter)
+        return lambda t: lora.merged_weight(t, a, b, rank, name)
+
+    unet = {f"{n}.weight": merger(w.unet_state, n, adapter, w.rank_unet)
+            for adapter in lora.UNET_ADAPTERS for n in lora.unique(w.unet_targets[adapter])}
+    conv_in = unet.get("conv_in.weight", lambda t: t)
+    stored_w, stored_b = w.unet_state["conv_in.base_layer.weight"], w.unet_state["conv_in.base_layer.bias"]
+    unet["conv_in.weight"] = lambda t: conv_in(stored_w.to(t.dtype))
+    unet["conv_in.bias"] = lambda t: stored_b.to(t.dtype)
+    vae = {f"{n}.weight": merger(w.vae_state, n, lora.VAE_ADAPTER, w.rank_vae) for n in lora.unique(w.vae_targets)}
+    return unet, vae
+
+
+def _load_module(base: str, sub: str, dtype: torch.dtype, edits: dict, build_empty, load_fp32) -> nn.Module:
+    """One component (see `load_base`): streamed into an empty skeleton where possible, else the library path."""
+    from pathlib import Path
+
+    folder = Path(base) / sub
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if len(files) == 1 and not list(folder.glob("*.index.json")):
+        try:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (position ids) real
+                model = build_empty(str(folder))
+            if _stream_into(model, files[0], dtype, edits):
+                return model.eval()
+        except (ImportError, ValueError) as e:  # no accelerate, an unusual file: the library path below
+            log.debug("%s: streaming load not used (%s)", folder, e)
+    model = load_fp32()
+    _apply_edits(model, edits)
+    return model.to(dtype).eval()
+
+
+def _stream_into(model: nn.Module, path, dtype: torch.dtype, edits: dict) -> bool:
+    """Fill an empty `model` from a .safetensors file, tensor by tensor (peak: the model + one tensor).
+    False, touching nothing, when the file's names are not exactly the model's."""
+    from osediff.files.tensors import header, iter_tensors
+
+    expected = set(model.state_dict())
+    if set(header(path)[0]) != expected or not set(edits) <= expected:
+        return False
+    with torch.no_grad():
+        for name, t in iter_tensors(path, reuse=True):  # t is a scratch view: cast or copy it at once
+            # the kept tensor is allocated before the merge's fp32 temporaries, so those are freed above it
+            # instead of leaving holes between kept tensors (0.45 GB of a bf16 SD 2.1 build otherwise)
+            out = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype)
+            t = out.copy_(edits[name](t.float()) if name in edits else t)
+            parent, _, leaf = name.rpartition(".")
+            mod = model.get_submodule(parent)
+            if leaf in mod._parameters:
+                mod._parameters[leaf] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
+            else:
+                mod._buffers[leaf] = t
+    left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if left:
+        raise ValueError(f"not in {path}: {left[:3]}")
+    return True
 
 
 class OSEDiffModel(nn.Module):
@@ -75,10 +156,11 @@ class OSEDiffModel(nn.Module):
                         dtype: torch.dtype = torch.float32, merge: bool = True) -> OSEDiffModel:
         """SD 2.1-base + OSEDiff weights. `merge=True` folds the LoRA into the weights (same function, faster,
         spec §3.3); `merge=False` keeps the reference's peft adapters. `weights=None` gives plain SD."""
-        unet, vae, text_encoder, tokenizer = load_base(base)
-        if weights is not None:
-            w = weights if isinstance(weights, OSEDiffWeights) else load_weights(weights)
-            apply_weights(unet, vae, w, merge=merge)
+        w = weights if weights is None or isinstance(weights, OSEDiffWeights) else load_weights(weights)
+        # merged: built in `dtype` directly, layer by layer (see load_base); unmerged: adapters added afterwards
+        unet, vae, text_encoder, tokenizer = load_base(base, dtype, w if merge else None)
+        if w is not None and not merge:
+            apply_weights(unet, vae, w, merge=False)
         return cls(unet, vae, text_encoder, tokenizer).to(device=device, dtype=dtype)
 
     def optimize(self, *, channels_last: bool = False, compile: bool = False) -> OSEDiffModel:
@@ -107,6 +189,8 @@ class OSEDiffModel(nn.Module):
         """(B, 77, D) last hidden states of the CLIP text encoder (spec §1.5); identical prompts are encoded
         once and kept in a small LRU cache (the reference re-encodes on every call, spec §8.7)."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if todo and self.text_encoder is None:
+            raise RuntimeError(f"the text encoder was released (release_text_encoder); cannot encode {todo[0]!r}")
         if todo:
             ids = self.tokenizer(todo, max_length=self.tokenizer.model_max_length, padding="max_length",
                                  truncation=True, return_tensors="pt").input_ids.to(self.device)
@@ -119,6 +203,15 @@ class OSEDiffModel(nn.Module):
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return out
+
+    def release_text_encoder(self, keep: list[str]) -> None:
+        """Encode the prompts in `keep` and free the CLIP text encoder (0.6 GB in bf16, 1.3 GB in fp32): for runs
+        whose prompts are known in advance, such as `osediff sr` without DAPE (one prompt for every image).
+        Those prompts stay cached for good; encoding any other raises."""
+        self.encode_text(keep)
+        self._cache_size = max(self._cache_size, len(self._cache))
+        self.text_encoder = None
+        _trim_heap()
 
     def encode(self, x: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
                tile: int = 1024, tile_batch: int = 1, offload: str | None = None) -> torch.Tensor:
@@ -232,6 +325,19 @@ class OSEDiffModel(nn.Module):
         return y
 
 
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere). Freed tensors below
+    glibc's mmap threshold (~32 MB) stay in the process otherwise, and only small allocations can reuse them, so
+    the large activations of the first image would come on top (peak RSS) instead of in their place."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _finite_per_image(t: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (B,) bool on t's device: no inf or NaN in that image (no host sync)."""
     return torch.isfinite(t).flatten(1).all(1)
@@ -263,9 +369,13 @@ def apply_weights(unet: nn.Module, vae: nn.Module, w: OSEDiffWeights, *, merge: 
         lora.add_vae_adapter(vae, w.vae_targets, w.rank_vae)
         lora.copy_lora_state(vae, w.vae_state, ("lora",))
         return
+    for model, edits in zip((unet, vae), merge_edits(w)):
+        _apply_edits(model, edits)
+
+
+def _apply_edits(model: nn.Module, edits: dict) -> None:
+    """`merge_edits` applied in place to a built model (each result cast to its parameter's dtype)."""
     with torch.no_grad():
-        unet.conv_in.weight.copy_(w.unet_state["conv_in.base_layer.weight"])
-        unet.conv_in.bias.copy_(w.unet_state["conv_in.base_layer.bias"])
-    for adapter in lora.UNET_ADAPTERS:
-        lora.merge_into(unet, w.unet_state, w.unet_targets[adapter], adapter, w.rank_unet)
-    lora.merge_into(vae, w.vae_state, w.vae_targets, lora.VAE_ADAPTER, w.rank_vae)
+        for name, fn in edits.items():
+            p = model.get_parameter(name)
+            p.copy_(fn(p.detach().float()))
