@@ -7,7 +7,7 @@ weights are a download; LPIPS adds one VGG-16 forward/backward per step). Peak =
 longer run (CPU: this process's peak RSS, cumulative).
 
     python benchmarks/bench_train_step.py --batches 1,2,4 --mixed-precision fp16 --json results_train.jsonl
-    python benchmarks/bench_train_step.py --tiny --device cpu --batches 1 --crop 64 --mixed-precision no
+    python benchmarks/bench_train_step.py --tiny --device cpu --batches 1 --crop 96 --mixed-precision no
 """
 
 from __future__ import annotations

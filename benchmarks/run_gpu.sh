@@ -13,7 +13,7 @@ if [ "${TINY:-0}" = 1 ]; then
   # tiny: one compiled configuration only (each compile costs a minute on a CPU)
   T="--tiny --device cpu --runs 1 --warmup 0"; S512=128; S4K=256; S8K=512; N="--no-flops"
   MODES=none,default; MODES2=none
-  TRAIN="--tiny --device cpu --crop 64 --steps 1 --mixed-precision no"
+  TRAIN="--tiny --device cpu --crop 96 --steps 1 --mixed-precision no"
 else
   if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
