@@ -114,16 +114,17 @@ def run_one(cfg: dict) -> dict:
     t0 = time.perf_counter()
     model = build_model(device, dtype, cfg["variant"], cfg["tiny"])
     model.vae.to(vae_dtype)
-    model.optimize(channels_last=cfg["channels_last"], compile=cfg["compile"])
+    model.optimize(channels_last=cfg["channels_last"], compile=bool(cfg["compile"]),
+                   compile_mode=cfg["compile"] if isinstance(cfg["compile"], str) else None)
     build_s = time.perf_counter() - t0
-    opts = SROptions(tile_batch=cfg["tile_batch"])
+    opts = SROptions(tile_batch=cfg["tile_batch"], vae_offload=cfg.get("vae_offload", False))
     pipe = OSEDiffPipeline(model, None, opts)
     if cfg["dape"]:
         from osediff.dape import RAMConfig, RAMTagger
 
         pipe.extractor = RAMTagger(RAMConfig()).to(device=device, dtype=dtype).eval()
     s = cfg["size"]
-    x = torch.rand(1, 3, s // 4, s // 4, generator=torch.Generator().manual_seed(1)).to(device)
+    x = torch.rand(cfg.get("batch", 1), 3, s // 4, s // 4, generator=torch.Generator().manual_seed(1)).to(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -143,7 +144,9 @@ def run_one(cfg: dict) -> dict:
     th, tw, origins = tile_grid(lat, lat, opts.tile, opts.tile_overlap)
     flops = stage_flops(model, x, opts) if cfg["flops"] and not cfg["compile"] else {}
     med = statistics.median(times)
-    res = dict(cfg, median_s=med, times=times, peak_gib=peak, build_s=build_s, latent_tiles=len(origins),
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
+    res = dict(cfg, gpu=gpu, median_s=med, images_per_s=cfg.get("batch", 1) / med, times=times, peak_gib=peak,
+               build_s=build_s, latent_tiles=len(origins),
                vae_dec_tiled=lat > opts.vae_decoder_tile + 22, flops=flops,
                tflops=(sum(flops.values()) / med / 1e12) if flops else None)
     if cfg.get("save"):
@@ -156,8 +159,9 @@ def fmt(r: dict) -> str:
     stages = "/".join(f"{fl[k] / 1e12:.2f}" for k in ("encode", "unet", "decode")) if fl else "-"
     tf = f"{r['tflops']:.1f}" if r["tflops"] else "-"
     tiling = f"{r['latent_tiles']}{'+vae' if r['vae_dec_tiled'] else ''}"
-    variant = r["variant"] + ("+cl" if r["channels_last"] else "") + ("+compile" if r["compile"] else "") + (
-        "+dape" if r["dape"] else "")
+    comp = f"+compile({r['compile']})" if isinstance(r["compile"], str) else "+compile" if r["compile"] else ""
+    variant = r["variant"] + ("+cl" if r["channels_last"] else "") + comp + ("+dape" if r["dape"] else "") + (
+        "+offload" if r.get("vae_offload") else "") + (f" ×{r['batch']}" if r.get("batch", 1) > 1 else "")
     return (f"| {r['device']} | {r['dtype']} | {variant} | {r['size'] // 4}² → {r['size']}² | {tiling} | "
             f"{r['tile_batch']} | {r['median_s'] * 1000:.1f} | {r['peak_gib']:.2f} | {stages} | {tf} |")
 
@@ -166,8 +170,12 @@ HEADER = ("| device | dtype | variant | input → output | latent tiles | tile b
           "TFLOP enc/unet/dec | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
+COMPILE = {"none": False, "default": True}
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = torch.mean((a.float() - b.float()) ** 2).item()
+    """PSNR of the first image of each batch (batches of different sizes compare too)."""
+    mse = torch.mean((a[:1].float() - b[:1].float()) ** 2).item()
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
 
 
@@ -179,7 +187,10 @@ def main() -> None:
     p.add_argument("--variants", default="merged", help="merged and/or unmerged (peft adapters, as the reference)")
     p.add_argument("--tile-batch", default="4")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", default="none",
+                   help="torch.compile modes, comma separated: none, default, reduce-overhead, max-autotune")
+    p.add_argument("--batch", default="1", help="images per call, comma separated (throughput)")
+    p.add_argument("--vae-offload", action="store_true")
     p.add_argument("--dape", action="store_true", help="include the full-size RAM/DAPE tagger")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -192,10 +203,10 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(json.loads(a.one))), flush=True)
         return
     configs = [dict(device=a.device, dtype=dt, size=int(s), variant=v, tile_batch=int(tb),
-                    channels_last=a.channels_last, compile=a.compile, dape=a.dape, runs=a.runs, warmup=a.warmup,
-                    flops=a.flops, tiny=a.tiny)
+                    channels_last=a.channels_last, compile=COMPILE[c] if c in COMPILE else c, dape=a.dape, runs=a.runs, warmup=a.warmup,
+                    flops=a.flops, tiny=a.tiny, batch=int(b), vae_offload=a.vae_offload)
                for dt in a.dtypes.split(",") for s in a.sizes.split(",") for v in a.variants.split(",")
-               for tb in a.tile_batch.split(",")]
+               for tb in a.tile_batch.split(",") for b in a.batch.split(",") for c in a.compile.split(",")]
     print(f"# {torch.__version__}, {a.device}: "
           + (torch.cuda.get_device_name() if a.device.startswith("cuda") else f"{os.cpu_count()} CPU threads"))
     print(HEADER, flush=True)
@@ -213,7 +224,7 @@ def main() -> None:
             continue
         r = json.loads(line[0][7:])
         results.append(r)
-        outputs[(r["dtype"], r["size"], r["variant"], r["tile_batch"])] = save
+        outputs[(r["dtype"], r["size"], r["variant"], r["tile_batch"], r["batch"], str(r["compile"]))] = save
         print(fmt(r), flush=True)
         if a.json:
             with open(a.json, "a") as f:

@@ -19,9 +19,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-merge", dest="merge", action="store_false",
                    help="keep LoRA as peft adapters like the reference (slower; bit-faithful in fp16)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES,
-                   help="default: fp16 on cuda/mps, fp32 on cpu; vae-bf16 = VAE in bf16, rest fp32 (fast on "
-                        "AVX512-BF16 CPUs, close to fp32)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto (default): fp16 on cuda/mps; on cpu bf16 where it is native (AVX512-BF16/AMX), else "
+                        "fp32; vae-bf16 = VAE in bf16, rest fp32 (closer to fp32); --dry-run shows the pick")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-prompts", action="store_true", help="write each prompt to OUTDIR/txt/<name>.txt")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images of one size run through the networks together (GPU throughput)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and VAE (same function; pays on GPUs after a one-off compile)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved options and inputs, run nothing")
     add_dataclass_arguments(p, SROptions, help={
         "scale": "upscaling factor", "process_size": "inputs with a side below process_size/scale are enlarged first",
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.dry_run:
             print(to_json(options))
+            print(_precision_line(args.device, args.dtype))
             for p in collect_inputs(args.inputs):
                 print(p)
             return 0
@@ -71,7 +74,18 @@ def run(args: argparse.Namespace) -> int:
                                    ram=args.ram, use_dape=args.use_dape, device=args.device, dtype=args.dtype,
                                    options=options, ext=args.ext, suffix=args.suffix,
                                    skip_existing=args.skip_existing, save_prompts=args.save_prompts,
-                                   batch_size=args.batch_size, merge=args.merge)
+                                   batch_size=args.batch_size, merge=args.merge, compile=args.compile)
     except (MissingWeightsError, FileNotFoundError, ValueError) as e:
         logging.getLogger("osediff").error("%s", e)
         return 2
+
+
+def _precision_line(device: str | None, dtype: str) -> str:
+    """`--dry-run`'s account of the device and precision a run would use, and why."""
+    import torch
+
+    from osediff.core.pipeline import choose_dtype, default_device
+
+    dev = torch.device(device) if device else default_device()
+    choice = choose_dtype(dtype, dev)
+    return f"# device {dev}, dtype {choice.name}: {choice.reason}"

@@ -22,6 +22,7 @@ class BatchResult:
     done: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    reruns: int = 0  # images rerun in fp32 after non-finite fp16/bf16 values (`OSEDiffModel._rerun_nonfinite`)
 
     @property
     def exit_code(self) -> int:
@@ -94,7 +95,7 @@ def run_batch(pipe, paths: list[Path], output_dir: str | os.PathLike, *, ext: st
             result.skipped.append(src)
         else:
             todo.append((src, dst))
-    bs = max(1, batch_size)
+    bs, reruns0 = max(1, batch_size), _reruns(pipe)
     bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True)
     for i in range(0, len(todo), bs):
         groups: dict[tuple, list] = {}
@@ -126,6 +127,7 @@ def run_batch(pipe, paths: list[Path], output_dir: str | os.PathLike, *, ext: st
             bar.update(len(group))
             bar.set_postfix_str(f"{group[-1][0].name} {(time.perf_counter() - t0) / len(group):.2f}s/img")
     bar.close()
+    result.reruns = _reruns(pipe) - reruns0
     if result.failed:
         log.error("%d of %d images failed: %s", len(result.failed), len(pairs),
                   ", ".join(str(p) for p, _ in result.failed[:10]))
@@ -142,6 +144,11 @@ def _run_group(pipe, group: list, output_dir: Path, save_prompts: bool) -> None:
             txt = output_dir / "txt" / f"{src.name.split('.')[0]}.txt"
             txt.parent.mkdir(parents=True, exist_ok=True)
             txt.write_text(prompt, encoding="utf-8")
+
+
+def _reruns(pipe) -> int:
+    """Images the pipeline's model has rerun in fp32 so far (0 for pipelines without the counter)."""
+    return getattr(getattr(pipe, "model", None), "reruns", {}).get("images", 0)
 
 
 def _run_one_safely(pipe, item, output_dir: Path, save_prompts: bool, result: BatchResult) -> None:
@@ -164,7 +171,7 @@ def super_resolve_files(inputs: list[str], output_dir: str, *, base: str | None,
                         dape: str | None = None, ram: str | None = None, use_dape: bool = True,
                         device: str | None = None, dtype: str | None = None, options=None, ext: str = "png",
                         suffix: str = "", skip_existing: bool = False, save_prompts: bool = False,
-                        batch_size: int = 1, merge: bool = True) -> int:
+                        batch_size: int = 1, merge: bool = True, compile: bool = False) -> int:
     """Load the pipeline and super-resolve `inputs` into `output_dir`; returns the exit status (0 = all done)."""
     from osediff.core.options import SROptions
     from osediff.core.pipeline import OSEDiffPipeline
@@ -177,8 +184,15 @@ def super_resolve_files(inputs: list[str], output_dir: str, *, base: str | None,
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     pipe = OSEDiffPipeline.from_pretrained(base, weights, device=device, dtype=dtype, ram=ram, dape=dape,
                                            use_dape=use_dape, merge=merge, options=options or SROptions())
+    if compile:
+        pipe.model.optimize(compile=True)
+    if pipe.extractor is None:  # one prompt for every image: encode it once, free the text encoder's memory
+        from osediff.core.prompts import format_prompt
+
+        pipe.model.release_text_encoder([format_prompt("", pipe.options.prompt)])
     res = run_batch(pipe, paths, output_dir, ext=ext, suffix=suffix, skip_existing=skip_existing,
                     save_prompts=save_prompts, batch_size=batch_size)
-    log.info("%d written, %d skipped (existing), %d failed -> %s", len(res.done), len(res.skipped),
-             len(res.failed), output_dir)
+    rerun = f", {res.reruns} rerun in fp32 after non-finite values" if res.reruns else ""
+    log.info("%d written, %d skipped (existing), %d failed%s -> %s", len(res.done), len(res.skipped),
+             len(res.failed), rerun, output_dir)
     return res.exit_code

@@ -1,7 +1,7 @@
 """OSEDiff's LoRA: which modules carry it (spec §2.2, §2.3) and the exact merge math (spec §3.3).
 
 Two ways to run the published weights, which compute the same function:
-- merged (default): ΔW is added into the base weights once at load (`merge_into`), no peft at run time;
+- merged (default): ΔW is added into the base weights once at load (`merged_weight`, applied by `osediff.core.model.merge_edits`), no peft at run time;
 - unmerged: peft adapters named as the reference names them (`add_unet_adapters`, `add_vae_adapter`), used for
   training and to prove the merge is exact (`tests/test_lora.py`).
 The reference never sets `lora_alpha`, so peft's default α=8 applies: scaling = 8/rank (2.0 at rank 4).
@@ -86,24 +86,21 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torc
     return scale * torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
 
 
-def merge_into(model: nn.Module, lora_state: Mapping[str, torch.Tensor], modules: Iterable[str], adapter: str,
-               rank: int) -> None:
-    """Add each module's ΔW (keys `<module>.lora_A.<adapter>.weight` / `lora_B`) into its base weight, in place."""
-    s = scaling(rank)
-    for name in unique(modules):
-        layer = model.get_submodule(name)
-        try:
-            a = lora_state[f"{name}.lora_A.{adapter}.weight"]
-            b = lora_state[f"{name}.lora_B.{adapter}.weight"]
-        except KeyError as e:
-            raise KeyError(f"LoRA weights for module {name!r} (adapter {adapter}) missing from the checkpoint") from e
-        w = layer.weight
-        delta = lora_delta(a, b, s)
-        if delta.shape != w.shape:
-            raise ValueError(f"LoRA shape mismatch for {name}: A {tuple(a.shape)}, B {tuple(b.shape)}, "
-                             f"weight {tuple(w.shape)}; is the base model SD 2.1-base?")
-        with torch.no_grad():
-            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+def lora_pair(lora_state: Mapping[str, torch.Tensor], name: str, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of module `name` (keys `<module>.lora_A.<adapter>.weight` / `lora_B`); KeyError names the module."""
+    try:
+        return lora_state[f"{name}.lora_A.{adapter}.weight"], lora_state[f"{name}.lora_B.{adapter}.weight"]
+    except KeyError as e:
+        raise KeyError(f"LoRA weights for module {name!r} (adapter {adapter}) missing from the checkpoint") from e
+
+
+def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rank: int, name: str = "") -> torch.Tensor:
+    """W + ΔW (spec §3.3), added in float32 and returned in w's dtype and device."""
+    delta = lora_delta(a, b, scaling(rank))
+    if delta.shape != w.shape:
+        raise ValueError(f"LoRA shape mismatch for {name}: A {tuple(a.shape)}, B {tuple(b.shape)}, "
+                         f"weight {tuple(w.shape)}; is the base model SD 2.1-base?")
+    return (w.float() + delta.to(w.device)).to(w.dtype)
 
 
 def _config(rank: int, targets: list[str]):

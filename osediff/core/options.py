@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-# values of `--dtype`; `osediff.core.pipeline.resolve_dtypes` maps them to torch dtypes
-DTYPE_CHOICES = ("fp32", "fp16", "bf16", "vae-bf16")
+from osediff.core.precision import DTYPE_CHOICES  # noqa: F401  (values of `--dtype`, resolved in precision.py)
 
 
 @dataclass(frozen=True)

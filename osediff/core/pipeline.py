@@ -22,6 +22,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from osediff.core import precision
 from osediff.core.colorfix import color_fix
 from osediff.core.model import OSEDiffModel, Progress
 from osediff.core.options import SROptions
@@ -32,21 +33,46 @@ from osediff.files.images import Picture
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_warned_emulated_bf16 = False
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags: /proc/cpuinfo where it exists, else what torch's own CPU probe reports."""
+    flags = precision.read_cpu_flags()
+    if flags is not None:
+        return flags
+    probe = getattr(torch, "cpu", None)  # private probes (torch >= 2.3); None = unknown -> auto picks fp32
+    try:
+        found = {"avx512_bf16": probe._is_avx512_bf16_supported(), "amx_bf16": probe._is_amx_tile_supported()}
+    except AttributeError:
+        return None
+    return frozenset(k for k, v in found.items() if v)
+
+
+def choose_dtype(name: str | None, device: torch.device) -> precision.DtypeChoice:
+    """`precision.choose_dtype` for this machine; warns once per process when bf16 is forced on a CPU that
+    emulates it."""
+    global _warned_emulated_bf16
+    choice = precision.choose_dtype(name, device.type, cpu_flags() if device.type == "cpu" else None)
+    if choice.warning and not _warned_emulated_bf16:
+        _warned_emulated_bf16 = True
+        log.warning("%s", choice.warning)
+    return choice
 
 
 def resolve_dtypes(name: str | torch.dtype | None, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(dtype of the UNet, text encoder and tagger, dtype of the VAE) for a `--dtype` value (`DTYPE_CHOICES`).
+    """(dtype of the UNet, text encoder and tagger, dtype of the VAE) for a `--dtype` value (`DTYPE_CHOICES`;
+    None = "auto", see `osediff.core.precision`).
 
     "vae-bf16": the VAE (~85 % of the FLOPs at 512²) in bf16, the rest fp32. On CPUs with AVX512-BF16 this keeps
     most of bf16's speed while the UNet, whose ε error the x0 formula amplifies 14.6×, stays fp32.
     """
-    if name is None:
-        dt = default_dtype(device)
-        return dt, dt
-    if name == "vae-bf16":
+    if isinstance(name, torch.dtype):
+        return name, name
+    picked = choose_dtype(name, device).name
+    if picked == "vae-bf16":
         return torch.float32, torch.bfloat16
-    dt = DTYPES[name] if isinstance(name, str) else name
-    return dt, dt
+    return DTYPES[picked], DTYPES[picked]
 
 
 def default_device() -> torch.device:
@@ -58,8 +84,9 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA/MPS (the reference's default), fp32 on the CPU (exact; bf16 is faster where supported)."""
-    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    """The UNet dtype of `--dtype auto` on `device`: fp16 on CUDA/MPS (the reference's default); on the CPU bf16
+    where it is native (AVX512-BF16 / AMX-BF16), else fp32."""
+    return resolve_dtypes(None, device)[0]
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +119,7 @@ class OSEDiffPipeline:
 
     @classmethod
     def from_pretrained(cls, base: str | None = None, weights: str | None = None, device: str | None = None,
-                        dtype: str | torch.dtype | None = None, *, ram: str | None = None, dape: str | None = None,
+                        dtype: str | torch.dtype | None = "auto", *, ram: str | None = None, dape: str | None = None,
                         use_dape: bool = True, merge: bool = True, options: SROptions = SROptions(),
                         ) -> OSEDiffPipeline:
         """Load SD 2.1-base (`base`: folder or hub id) + OSEDiff `weights` (+ RAM/DAPE when found).
@@ -102,6 +129,10 @@ class OSEDiffPipeline:
         """
         from osediff.files import weights as wts
         dev = torch.device(device) if device else default_device()
+        if not isinstance(dtype, torch.dtype):
+            choice = choose_dtype(dtype, dev)
+            log.info("precision %s on %s: %s", choice.name, dev, choice.reason)
+            dtype = choice.name
         dt, vae_dt = resolve_dtypes(dtype, dev)
         if dev.type == "cuda" and dt == torch.float32:
             # the reference runs fp32 with TF32 matmuls on (a side effect of its imports, spec §1.11)

@@ -28,7 +28,8 @@ def png16(path, arr):
 
 @pytest.fixture
 def args(tiny_sd, tiny_ckpt):
-    return ["--base", str(tiny_sd), "--weights", str(tiny_ckpt), "--no-dape", "--device", "cpu",
+    # fp32: `--dtype auto` would pick bf16 on CPUs with native bf16, fp32 elsewhere
+    return ["--base", str(tiny_sd), "--weights", str(tiny_ckpt), "--no-dape", "--device", "cpu", "--dtype", "fp32",
             "--process-size", "64"]
 
 
@@ -221,3 +222,13 @@ def test_eval_runs_sr_then_metrics_with_the_real_pipeline(tmp_path, tiny_sd, tin
     assert sorted(p.name for p in (out / "sr").glob("*.png")) == ["im0.png", "im1.png"]
     summary = json.loads((out / "summary.json").read_text())
     assert "psnr" in json.dumps(summary).lower()
+
+
+def test_compile_flag_reaches_the_model(tmp_path, args, monkeypatch):
+    from osediff.core.model import OSEDiffModel
+
+    seen = []
+    monkeypatch.setattr(OSEDiffModel, "optimize", lambda self, **kw: seen.append(kw) or self)
+    Image.fromarray(_rgb(16, 16)).save(tmp_path / "a.png")
+    assert main(["sr", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), *args, "--compile"]) == 0
+    assert seen == [{"compile": True}]

@@ -198,7 +198,7 @@ def test_vae_bf16_mode_keeps_the_unet_in_fp32(tiny_sd, tiny_ckpt, tiny_pipe):
 
 def test_channels_last_computes_the_same_function(tiny_sd, tiny_ckpt, tiny_pipe):
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    pipe = OSEDiffPipeline.from_pretrained(str(tiny_sd), str(tiny_ckpt), device="cpu", use_dape=False)
+    pipe = OSEDiffPipeline.from_pretrained(str(tiny_sd), str(tiny_ckpt), device="cpu", dtype="fp32", use_dape=False)
     pipe.model.optimize(channels_last=True)
     assert pipe.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert (pipe(x) - tiny_pipe(x)).abs().max() < 1e-3
@@ -207,7 +207,7 @@ def test_channels_last_computes_the_same_function(tiny_sd, tiny_ckpt, tiny_pipe)
 @pytest.mark.slow
 def test_torch_compile_computes_the_same_function(tiny_sd, tiny_ckpt, tiny_pipe):
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    pipe = OSEDiffPipeline.from_pretrained(str(tiny_sd), str(tiny_ckpt), device="cpu", use_dape=False)
+    pipe = OSEDiffPipeline.from_pretrained(str(tiny_sd), str(tiny_ckpt), device="cpu", dtype="fp32", use_dape=False)
     pipe.model.optimize(compile=True)
     assert (pipe(x) - tiny_pipe(x)).abs().max() < 1e-4
 
