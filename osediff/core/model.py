@@ -33,7 +33,7 @@ def load_base(base: str, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from osediff.files.weights import MissingWeightsError, missing_message
+    from osediff.weights.locate import MissingWeightsError, missing_message
 
     try:
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
