@@ -92,7 +92,7 @@ def torch_load(path: Path):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).splitlines() or [""])[0][:160]
+        first = (str(e).splitlines() or [""])[0].split(". ")[0][:160]
         raise BrokenWeightsError(f"{path.name} is truncated or not a PyTorch checkpoint ({type(e).__name__}: "
                                  f"{first})") from None
 
