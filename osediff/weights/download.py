@@ -117,6 +117,8 @@ def fetch_url(url: str, dest: Path, *, kind: str = "http", blob_sha1: str | None
                 have = 0
             length = resp.headers.get("Content-Length")
             total = have + int(length) if length is not None else None
+            if tries == 0:
+                log.info("%s: %s%s", dest.name, human(total), f", resuming at {have:,} bytes" if have else "")
             got = 0
             try:
                 with open(part, "ab" if have else "wb") as f, tqdm(
@@ -273,7 +275,8 @@ def download(key: str, models: str | os.PathLike | None = None, *, force: bool =
         try:
             if isinstance(origin, str):  # "hf-snapshot:<repo>"
                 return fetch_hf_base(origin.split(":", 1)[1], dest, timeout=timeout)
-            log.info("downloading %s (%s) from %s into %s", src.what, human(src.size), describe(origin), dest)
+            log.info("downloading %s%s from %s into %s", src.what, f" ({human(src.size)})" if src.size else "",
+                     describe(origin), dest)
             verify = _verifier(key)
             if isinstance(origin, HFFile):
                 return fetch_hf_file(origin, dest, verify=verify, timeout=timeout)

@@ -275,3 +275,48 @@ def test_an_unreachable_hub_fails_within_the_time_out(tmp_path, monkeypatch):
     with pytest.raises(DownloadError, match="unreachable"):
         download.download("ram", tmp_path, timeout=1, progress=False)
     assert time.monotonic() - t < 3
+
+
+# ----------------------------------------------------------------------------------- first use, from the loaders
+
+def test_from_pretrained_fetches_a_missing_weight_into_the_models_folder(tmp_path, server, tiny_sd, tiny_ckpt,
+                                                                          monkeypatch, caplog):
+    import dataclasses
+    import logging
+
+    from osediff.core.pipeline import OSEDiffPipeline
+    from osediff.weights import sources
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_sd, models / "stable-diffusion-2-1-base")
+    server.routes["/m/osediff.pkl"] = (tiny_ckpt.read_bytes(), "ok")
+    monkeypatch.setenv("OSEDIFF_MODELS", str(models))
+    monkeypatch.setenv("OSEDIFF_GITHUB_URL", f"{server.url}/m")
+    for v in ("OSEDIFF_BASE", "OSEDIFF_WEIGHTS"):
+        monkeypatch.delenv(v, raising=False)
+    published = sources.sources()
+    # the tiny checkpoint stands in for the published file: its checksum is the one expected
+    published["weights"] = dataclasses.replace(published["weights"], blob_sha1=check.blob_sha1(tiny_ckpt))
+    monkeypatch.setattr(download, "all_sources", lambda: published)
+    with caplog.at_level(logging.INFO, logger="osediff"):
+        pipe = OSEDiffPipeline.from_pretrained(device="cpu", dtype="fp32", use_dape=False)
+    assert (models / "osediff.pkl").read_bytes() == tiny_ckpt.read_bytes() and pipe.model is not None
+    assert "downloading OSEDiff weights" in caplog.text and str(models / "osediff.pkl") in caplog.text
+
+
+def test_sr_offline_says_what_is_missing_and_never_connects(tmp_path, server, tiny_sd, monkeypatch, caplog):
+    import numpy as np
+    from PIL import Image
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_sd, models / "stable-diffusion-2-1-base")
+    monkeypatch.setenv("OSEDIFF_MODELS", str(models))
+    monkeypatch.setenv("OSEDIFF_GITHUB_URL", f"{server.url}/m")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    rc = main(["sr", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--no-dape", "--offline"])
+    assert rc == 2 and "osediff.pkl" in caplog.text and "offline: not downloaded" in caplog.text
+    assert not server.requests
+    caplog.clear()
+    rc = main(["sr", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--no-dape"])  # online: the server 404s
+    assert rc == 2 and "download failed" in caplog.text and "HTTP 404" in caplog.text and server.requests
+    assert not (models / "osediff.pkl").exists()
