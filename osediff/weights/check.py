@@ -143,6 +143,8 @@ def _read_osediff(path: Path) -> dict:
     if not isinstance(d, Mapping) or any(k not in d for k in layout.AUTHORS_KEYS):
         raise BrokenWeightsError(f"{path.name} is not OSEDiff weights: no {', '.join(layout.AUTHORS_KEYS[:1])}"
                                  f"/state_dict_unet entries{_kind_hint(d)}")
+    if not (_is_state_dict(d["state_dict_unet"]) and _is_state_dict(d["state_dict_vae"])):
+        raise BrokenWeightsError(f"{path.name}: state_dict_unet / state_dict_vae are not dicts of tensors")
     return {**d, "state_dict_unet": {k: _shape(v) for k, v in d["state_dict_unet"].items()},
             "state_dict_vae": {k: _shape(v) for k, v in d["state_dict_vae"].items()}}
 
