@@ -23,7 +23,7 @@ from pathlib import Path
 
 import folder_paths  # ComfyUI's; a plain Python can stub it (tests/comfyui/conftest.py)
 
-from osediff.files import weights as wts
+from osediff.weights import locate as wts
 
 log = logging.getLogger(__name__)
 

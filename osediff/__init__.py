@@ -2,7 +2,7 @@
 
 `import osediff` is cheap: the heavy modules (torch, diffusers) load only when a name below is used.
 The tree: `core` (the one-step SR pipeline), `tiling`, `dape` (the tagger), `degradation`, `evaluation`,
-`files`, `train`, and the front-end `cli` + `commands`.
+`files`, `weights`, `train`, and the front-end `cli` + `commands`.
 """
 
 __version__ = "0.1.0"

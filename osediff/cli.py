@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from osediff.commands import convert, degrade, evaluate, sr, train, ui
+from osediff.commands import convert, degrade, download, evaluate, sr, train, ui
 
 COMMANDS = {
     "sr": sr,
@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": evaluate,
     "train": train,
     "degrade": degrade,
+    "download": download,
     "ui": ui,
 }
 

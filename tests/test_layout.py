@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "osediff"
 # (`OSEDiffPipeline`, `OSEDiffModel`) reach down into `core`, so it is checked by neither rule.
 LAYERS = {
     "osediff": 9,
-    "files": 0, "config": 0, "tiling": 0, "degradation": 0,
+    "files": 0, "weights": 0, "config": 0, "tiling": 0, "degradation": 0,
     "dape": 1,
     "core": 2,
     "evaluation": 3,

@@ -18,6 +18,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-dape", dest="use_dape", action="store_false", help="no tags: prompt is the user prompt only")
     p.add_argument("--no-merge", dest="merge", action="store_false",
                    help="keep LoRA as peft adapters like the reference (slower; bit-faithful in fp16)")
+    p.add_argument("--offline", action="store_true",
+                   help="never download missing weights (also HF_HUB_OFFLINE=1 or OSEDIFF_OFFLINE=1)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="auto (default): fp16 on cuda/mps; on cpu bf16 where it is native (AVX512-BF16/AMX), else "
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from osediff.config import dataclass_from_args, to_json
     from osediff.core.batch import collect_inputs, super_resolve_files
     from osediff.core.options import SROptions
-    from osediff.files.weights import MissingWeightsError
+    from osediff.weights.locate import MissingWeightsError
 
     try:
         options = dataclass_from_args(SROptions, args)
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                                    ram=args.ram, use_dape=args.use_dape, device=args.device, dtype=args.dtype,
                                    options=options, ext=args.ext, suffix=args.suffix,
                                    skip_existing=args.skip_existing, save_prompts=args.save_prompts,
-                                   batch_size=args.batch_size, merge=args.merge, compile=args.compile)
+                                   batch_size=args.batch_size, merge=args.merge, compile=args.compile,
+                                   offline=args.offline or None)
     except (MissingWeightsError, FileNotFoundError, ValueError) as e:
         logging.getLogger("osediff").error("%s", e)
         return 2

@@ -29,12 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, resolve: bool = True):
     """The TrainConfig of the parsed flags; `resolve` finds the base model and RAM weights (flag, environment
-    variable or models folder, see `osediff.files.weights`) and raises MissingWeightsError when they are absent."""
+    variable or models folder, see `osediff.weights.locate`) and raises MissingWeightsError when they are absent."""
     import dataclasses
 
     from osediff.config import dataclass_from_args
-    from osediff.files import weights
     from osediff.train.config import SECTIONS, TrainConfig
+    from osediff.weights import locate as weights
 
     parts = {name: dataclass_from_args(cls, args) for name, cls in SECTIONS.items()}
     model, data = parts["model"], parts["data"]
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from osediff.config import to_json
-    from osediff.files.weights import MissingWeightsError
+    from osediff.weights.locate import MissingWeightsError
 
     logger = logging.getLogger("osediff.train")
     if not getattr(args, "verbose", False):  # accelerate reports every file of every checkpoint at INFO

@@ -48,15 +48,15 @@ def run(args: argparse.Namespace) -> int:
         log.error("osediff ui needs Gradio: pip install \"osediff[ui]\"")
         return 2
     from osediff.core.pipeline import OSEDiffPipeline
-    from osediff.files.weights import MissingWeightsError
     from osediff.ui.app import build_app, find_examples
     from osediff.ui.jobs import Runner
+    from osediff.weights.locate import MissingWeightsError
 
     try:  # weight problems are reported here, before any server starts
         pipe = OSEDiffPipeline.from_pretrained(args.base, args.weights, device=args.device, dtype=args.dtype,
                                                ram=args.ram, dape=args.dape, use_dape=args.use_dape,
-                                               merge=args.merge)
-    except (MissingWeightsError, FileNotFoundError, ValueError) as e:
+                                               merge=args.merge, offline=args.offline or None)
+    except (MissingWeightsError, FileNotFoundError, ValueError) as e:  # missing, or broken (one line)
         log.error("%s", e)
         return 2
     for w in exposure_warnings(args.host, args.share):

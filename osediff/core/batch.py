@@ -171,7 +171,8 @@ def super_resolve_files(inputs: list[str], output_dir: str, *, base: str | None,
                         dape: str | None = None, ram: str | None = None, use_dape: bool = True,
                         device: str | None = None, dtype: str | None = None, options=None, ext: str = "png",
                         suffix: str = "", skip_existing: bool = False, save_prompts: bool = False,
-                        batch_size: int = 1, merge: bool = True, compile: bool = False) -> int:
+                        batch_size: int = 1, merge: bool = True, compile: bool = False,
+                        offline: bool | None = None) -> int:
     """Load the pipeline and super-resolve `inputs` into `output_dir`; returns the exit status (0 = all done)."""
     from osediff.core.options import SROptions
     from osediff.core.pipeline import OSEDiffPipeline
@@ -183,7 +184,8 @@ def super_resolve_files(inputs: list[str], output_dir: str, *, base: str | None,
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     pipe = OSEDiffPipeline.from_pretrained(base, weights, device=device, dtype=dtype, ram=ram, dape=dape,
-                                           use_dape=use_dape, merge=merge, options=options or SROptions())
+                                           use_dape=use_dape, merge=merge, options=options or SROptions(),
+                                           offline=offline)
     if compile:
         pipe.model.optimize(compile=True)
     if pipe.extractor is None:  # one prompt for every image: encode it once, free the text encoder's memory

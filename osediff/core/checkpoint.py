@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from osediff.files.atomic import atomic_path
+from osediff.weights.layout import AUTHORS_KEYS, AUTHORS_LIST_KEYS
 
 FORMAT = "osediff"
 FORMAT_VERSION = "1"
-_UNET_LIST_KEYS = {"default_encoder": "unet_lora_encoder_modules", "default_decoder": "unet_lora_decoder_modules",
-                   "default_others": "unet_lora_others_modules"}
+_UNET_LIST_KEYS = AUTHORS_LIST_KEYS
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,7 @@ class OSEDiffWeights:
 
 
 def from_authors_dict(d: dict[str, Any], source: str = "<dict>") -> OSEDiffWeights:
-    required = ["vae_lora_encoder_modules", *_UNET_LIST_KEYS.values(), "rank_unet", "rank_vae", "state_dict_unet",
-                "state_dict_vae"]
-    missing = [k for k in required if k not in d]
+    missing = [k for k in AUTHORS_KEYS if k not in d]
     if missing:
         raise ValueError(f"{source} is not an OSEDiff checkpoint: keys {missing} are missing "
                          "(expected the format of the authors' osediff.pkl, spec §3.1)")

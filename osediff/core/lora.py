@@ -10,63 +10,28 @@ The reference never sets `lora_alpha`, so peft's default α=8 applies: scaling =
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-LORA_ALPHA = 8  # peft's default, which the reference relies on (spec §2.2)
-UNET_ADAPTERS = ("default_encoder", "default_decoder", "default_others")
-VAE_ADAPTER = "default_encoder"
-
-# Pattern order matters for the UNet (first match wins, spec §2.2); the VAE tests every pattern (§2.3).
-_UNET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-                  "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
-_VAE_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v",
-                 "to_out.0")
+from osediff.weights import layout
+from osediff.weights.layout import LORA_ALPHA, UNET_ADAPTERS, VAE_ADAPTER, unique  # noqa: F401 - re-exported
 
 
 def unet_lora_targets(unet: nn.Module) -> dict[str, list[str]]:
     """The generator UNet's LoRA targets split into the three reference adapters (spec §2.2, Appendix A).
 
     Returns {"default_encoder": [...94], "default_decoder": [...148], "default_others": [...16]} for SD 2.1-base,
-    in `named_parameters()` order (the order the checkpoint stores).
+    in `named_parameters()` order (the order the checkpoint stores). The rule is `weights.layout.unet_targets`.
     """
-    groups: dict[str, list[str]] = {a: [] for a in UNET_ADAPTERS}
-    for name, _ in unet.named_parameters():
-        if "bias" in name or "norm" in name:
-            continue
-        for pattern in _UNET_PATTERNS:
-            if pattern in name:
-                module = name.replace(".weight", "")
-                if "down_blocks" in name or "conv_in" in name:
-                    groups["default_encoder"].append(module)
-                elif "up_blocks" in name or "conv_out" in name:
-                    groups["default_decoder"].append(module)
-                else:
-                    groups["default_others"].append(module)
-                break
-    return groups
+    return layout.unet_targets(name for name, _ in unet.named_parameters())
 
 
 def vae_lora_targets(vae: nn.Module) -> list[str]:
     """The VAE-encoder LoRA target list exactly as the reference stores it: 65 entries with duplicates for
     SD 2.1-base, 32 unique modules (spec §2.3, Appendix A.1). Use `unique()` for the module set."""
-    targets: list[str] = []
-    for name, _ in vae.named_parameters():
-        if "bias" in name or "norm" in name:
-            continue
-        for pattern in _VAE_PATTERNS:
-            if pattern in name and "encoder" in name:
-                targets.append(name.replace(".weight", ""))
-            elif "quant_conv" in name and "post_quant_conv" not in name:
-                targets.append(name.replace(".weight", ""))
-    return targets
-
-
-def unique(names: Iterable[str]) -> list[str]:
-    """First-occurrence order, duplicates removed."""
-    return list(dict.fromkeys(names))
+    return layout.vae_targets(name for name, _ in vae.named_parameters())
 
 
 def scaling(rank: int) -> float:

@@ -55,7 +55,7 @@ def load_base(base: str, dtype: torch.dtype = torch.float32, weights: OSEDiffWei
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from osediff.files.weights import MissingWeightsError, missing_message
+    from osediff.weights.locate import MissingWeightsError, missing_message
 
     unet_edits, vae_edits = merge_edits(weights) if weights is not None else ({}, {})
     try:

@@ -121,13 +121,17 @@ class OSEDiffPipeline:
     def from_pretrained(cls, base: str | None = None, weights: str | None = None, device: str | None = None,
                         dtype: str | torch.dtype | None = "auto", *, ram: str | None = None, dape: str | None = None,
                         use_dape: bool = True, merge: bool = True, options: SROptions = SROptions(),
-                        ) -> OSEDiffPipeline:
+                        offline: bool | None = None) -> OSEDiffPipeline:
         """Load SD 2.1-base (`base`: folder or hub id) + OSEDiff `weights` (+ RAM/DAPE when found).
 
-        Each location falls back to its environment variable and the models folder (see `osediff.files.weights`);
-        a missing file raises `MissingWeightsError` saying what to download and where to put it.
+        Each location falls back to its environment variable and the models folder (see `osediff.weights.locate`).
+        A weight absent from both is downloaded into the models folder on first use, unless `offline` (or
+        HF_HUB_OFFLINE / OSEDIFF_OFFLINE) is set; each file is structurally checked before loading. A missing
+        file raises `MissingWeightsError` saying what to download and where to put it (and why the download
+        failed); a wrong one `BrokenWeightsError` (a ValueError) with a one-line reason.
         """
-        from osediff.files import weights as wts
+        from osediff.weights import locate as wts
+        from osediff.weights.obtain import obtain
         dev = torch.device(device) if device else default_device()
         if not isinstance(dtype, torch.dtype):
             choice = choose_dtype(dtype, dev)
@@ -138,15 +142,15 @@ class OSEDiffPipeline:
             # the reference runs fp32 with TF32 matmuls on (a side effect of its imports, spec §1.11)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        base_path = wts.find("base", base)
-        weights_path = wts.find("weights", weights)
+        base_path = obtain("base", base, offline=offline)
+        weights_path = obtain("weights", weights, offline=offline, base=base_path)
         model = OSEDiffModel.from_pretrained(base_path, weights_path, device=dev, dtype=dt, merge=merge)
         if vae_dt != dt:
             model.vae.to(vae_dt)
         extractor = None
         if use_dape:
-            ram_path = wts.find("ram", ram, required=dape is not None)
-            dape_path = wts.find("dape", dape, required=ram is not None)
+            ram_path = obtain("ram", ram, offline=offline, required=dape is not None)
+            dape_path = obtain("dape", dape, offline=offline, required=ram is not None)
             if ram_path is None or dape_path is None:
                 log.warning("DAPE not used (no RAM/DAPE weights found): prompts carry no tags, so outputs will "
                             "differ from the published ones.\n%s", wts.missing_message("dape"))

@@ -175,7 +175,7 @@ def _lpips_vgg(device: str, seed: int, weights: dict[str, str | None]) -> Learne
     """LPIPS-VGG v0.1 in-house; weights by --lpips-vgg/--lpips-lin, OSEDIFF_LPIPS_VGG/_LIN, the models folder,
     else the torch hub cache (downloaded once when online)."""
     from osediff.evaluation.lpips import LPIPS
-    from osediff.files.weights import find, missing_message
+    from osediff.weights.locate import find, missing_message
 
     vgg = find("lpips_vgg", weights.get("lpips_vgg"), required=False)
     lin = find("lpips_lin", weights.get("lpips_lin"), required=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from osediff.core.pipeline import OSEDiffPipeline
-from osediff.files.weights import MissingWeightsError, missing_message
+from osediff.weights.locate import MissingWeightsError, missing_message
 
 # the fixtures (stubbed ComfyUI, the pack loaded into it, the tiny weights installed in its models folder)
 comfy, pack, pack_loader, installed = comfy_stubs.comfy, comfy_stubs.pack, comfy_stubs.pack_loader, comfy_stubs.installed

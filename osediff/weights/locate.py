@@ -13,6 +13,7 @@ Every weight is configurable by a flag, an environment variable, or by dropping 
 | LPIPS-VGG v0.1 heads | `--lpips-lin` | `OSEDIFF_LPIPS_LIN` | `lpips_v0.1_vgg.pth` |
 
 The two LPIPS files may also sit in the torch hub cache, where `osediff.evaluation.lpips` downloads them when online.
+`osediff download` fetches the first four into the models folder (`osediff.weights.download`); `obtain` does so on first use.
 """
 
 from __future__ import annotations
@@ -49,9 +50,14 @@ SPECS = {
                           "the authors' release: GitHub cswry/OSEDiff, preset/models/osediff.pkl (linked from its README)"),
     "ram": WeightSpec("RAM Swin-L tagger (ram_swin_large_14m.pth)", "--ram", "OSEDIFF_RAM",
                       ("ram_swin_large_14m.pth",),
-                      "Hugging Face xinyu1205/recognize-anything, file ram_swin_large_14m.pth"),
+                      "Hugging Face xinyu1205/recognize_anything_model (or the space xinyu1205/recognize-anything), "
+                      "file ram_swin_large_14m.pth"),
     "dape": WeightSpec("DAPE prompt-extractor LoRA (DAPE.pth)", "--dape", "OSEDIFF_DAPE", ("DAPE.pth",),
-                       "the OSEDiff repository (GitHub cswry/OSEDiff, preset/models/DAPE.pth) or the SeeSR release"),
+                       "the authors' Google Drive (file id 1KIV6VewwO2eDC9g4Gcvgm-a0LDI7Lmwm, linked from the "
+                       "cswry/OSEDiff README)"),
+    "face": WeightSpec("OSEDiff face weights (osediff_face.pkl)", "--weights", "OSEDIFF_WEIGHTS",
+                       ("osediff_face.pkl",),
+                       "the authors' release: GitHub cswry/OSEDiff, preset/models/osediff_face.pkl"),
     "lpips_vgg": WeightSpec("LPIPS-VGG trunk (torchvision ImageNet VGG16, vgg16-397923af.pth)", "--lpips-vgg",
                             "OSEDIFF_LPIPS_VGG", ("vgg16-397923af.pth",),
                             "https://download.pytorch.org/models/vgg16-397923af.pth"),
@@ -70,7 +76,8 @@ def missing_message(key: str, tried: str | None = None) -> str:
     s = SPECS[key]
     lines = [f"{s.what} not found" + (f": {tried}" if tried else "") + ".",
              f"  Download it from {s.where},",
-             f"  then pass {s.flag} PATH, set {s.env}=PATH, or put it at {models_dir() / s.names[0]}."]
+             f"  then pass {s.flag} PATH, set {s.env}=PATH, or put it at {models_dir() / s.names[-1]}"
+             f" (`osediff download {key}` does that when online)."]
     if key == "base" and os.environ.get("HF_HUB_OFFLINE"):
         lines.append("  (HF_HUB_OFFLINE is set, so hub ids resolve only from the local Hugging Face cache.)")
     return "\n".join(lines)
