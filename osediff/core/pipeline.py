@@ -18,7 +18,7 @@ behaviour), LoRA merged (`merge=False` keeps peft adapters), padding instead of 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace as _replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ class OSEDiffPipeline:
         return cls(model, extractor, options)
 
     def with_options(self, **changes) -> OSEDiffPipeline:
-        return OSEDiffPipeline(self.model, self.extractor, _replace(self.options, **changes))
+        return OSEDiffPipeline(self.model, self.extractor, replace(self.options, **changes))
 
     # --- public call ----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -141,7 +141,7 @@ class OSEDiffPipeline:
             from osediff.files.metadata import read_metadata
 
             # the pixels are used as given (not EXIF-rotated), so the output keeps the input's orientation tag
-            meta = _replace(read_metadata(image), upright=False)
+            meta = replace(read_metadata(image), upright=False)
             out, _ = self.run_picture(from_pil(image, meta), prompt)
             return to_pil(out)
         if isinstance(image, np.ndarray):
@@ -175,12 +175,13 @@ class OSEDiffPipeline:
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).permute(2, 0, 1)[None]
         return self._tensor(t, prompt)[0][0].permute(1, 2, 0).numpy()
 
-    def _tensor(self, x: torch.Tensor, prompt: str | None) -> tuple[torch.Tensor, list[str]]:
+    def _tensor(self, x: torch.Tensor, prompt: str | None, p: SizePlan | None = None
+                ) -> tuple[torch.Tensor, list[str]]:
         """(B,3,H,W) float [0,1] -> ((B,3,H',W') float [0,1] on x's device, prompts); float path throughout."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B,3,H,W) tensor, got shape {tuple(x.shape)}")
         h0, w0 = x.shape[-2:]
-        p = self.plan(w0, h0)
+        p = p or self.plan(w0, h0)
         xd = x.to(self.model.device, torch.float32)
         if p.guard:
             xd = resize_bicubic(xd, (p.guard[1], p.guard[0]))
@@ -224,7 +225,7 @@ class OSEDiffPipeline:
                       np.asarray(Image.fromarray(p.alpha, "L").resize(plan.out, Image.BICUBIC)) for p in pics]
         else:
             x = torch.from_numpy(np.stack([p.rgb for p in pics]).astype(np.float32) / 65535).permute(0, 3, 1, 2)
-            out, prompts = self._tensor(x, prompt)
+            out, prompts = self._tensor(x, prompt, plan)
             rgbs = list((out.permute(0, 2, 3, 1).cpu().numpy() * 65535).round().astype(np.uint16))
             alphas = []
             for p in pics:
@@ -235,7 +236,7 @@ class OSEDiffPipeline:
                                    (plan.out[1], plan.out[0]))
                 alphas.append((a.clamp(0, 1)[0, 0].numpy() * 65535).round().astype(np.uint16))
         # gray-ness and metadata travel with the picture; the writer applies them
-        return [(_replace(p, rgb=np.ascontiguousarray(r), alpha=a), pr)
+        return [(replace(p, rgb=np.ascontiguousarray(r), alpha=a), pr)
                 for p, r, a, pr in zip(pics, rgbs, alphas, prompts)]
 
     # --- the model part -----------------------------------------------------------------------------------
