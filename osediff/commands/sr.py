@@ -28,7 +28,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from osediff.config import add_dataclass_arguments
-    from osediff.core.options import SROptions
+    from osediff.core.options import FileOptions, SROptions
 
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
@@ -43,7 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the UNet and VAE (same function; pays on GPUs after a one-off compile)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved options and inputs, run nothing")
     add_dataclass_arguments(p, SROptions, help={
-        "scale": "upscaling factor", "process_size": "inputs with a side below process_size/scale are enlarged first",
+        "scale": "upscaling factor, any number (2.5: output round(2.5·W) x round(2.5·H))",
+        "long_side": "output long side in pixels, aspect kept (instead of --scale)",
+        "size": "output size WxH, e.g. 3840x2160 (instead of --scale; a different aspect stretches)",
+        "process_size": "inputs with a side below process_size/scale are enlarged first",
+        "max_guard_megapixels": "that enlargement stops where the processed image reaches this many megapixels "
+                                "(extreme aspect ratios); 0 = no cap",
         "color_fix": "colour correction against the upscaled input", "prompt": "user text appended to the tags",
         "tile": "latent tile size (latent px)", "tile_overlap": "latent tile overlap (latent px)",
         "tile_batch": "latent/VAE tiles per network call", "vae_encoder_tile": "VAE encoder tile (image px)",
@@ -51,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "vae_offload": "keep tiled-VAE state in host memory (least GPU memory for huge images; slower)",
         "sample_latent": "sample the VAE posterior like the reference (default: its mean)",
         "seed": "seed for --sample-latent"})
+    add_dataclass_arguments(p, FileOptions, help={
+        "max_input_megapixels": "refuse, before decoding, files whose header claims more pixels; 0 = no limit",
+        "strip_metadata": "write no ICC profile, EXIF (camera, date, GPS), text or DPI into the outputs",
+        "keep_rgb": "write grayscale inputs as RGB (otherwise grayscale: the BT.601 luma of the result)"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,16 +67,18 @@ def run(args: argparse.Namespace) -> int:
 
     from osediff.config import dataclass_from_args, to_json
     from osediff.core.batch import collect_inputs, super_resolve_files
-    from osediff.core.options import SROptions
+    from osediff.core.options import FileOptions, SROptions
     from osediff.weights.locate import MissingWeightsError
 
     try:
         options = dataclass_from_args(SROptions, args)
+        files = dataclass_from_args(FileOptions, args)
     except ValueError as e:
         raise SystemExit(f"osediff sr: {e}") from None
     try:
         if args.dry_run:
             print(to_json(options))
+            print(to_json(files))
             print(_precision_line(args.device, args.dtype))
             for p in collect_inputs(args.inputs):
                 print(p)
@@ -77,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                                    options=options, ext=args.ext, suffix=args.suffix,
                                    skip_existing=args.skip_existing, save_prompts=args.save_prompts,
                                    batch_size=args.batch_size, merge=args.merge, compile=args.compile,
-                                   offline=args.offline or None)
+                                   offline=args.offline or None, files=files)
     except (MissingWeightsError, FileNotFoundError, ValueError) as e:
         logging.getLogger("osediff").error("%s", e)
         return 2

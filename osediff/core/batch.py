@@ -1,18 +1,24 @@
 """Super-resolving files: inputs (files, folders, globs) -> `OUTDIR/<stem>[_suffix].<ext>`, one at a time.
 
-Nothing is lost: an unreadable file is reported and skipped while the rest go on (the exit status says so),
-outputs are written atomically, an input is never overwritten, `skip_existing` resumes an interrupted run,
-and under `accelerate launch` / torchrun each process takes its own share of the inputs.
+Nothing is lost: whatever reading, decoding, processing or writing one file raises is that file's failure
+(named in the log, counted, a non-zero exit status at the end) while the rest go on; only a KeyboardInterrupt
+or a lost device (`device_lost`: a CUDA/driver error that leaves the device unusable, or a full / read-only
+disk) ends the run, and `skip_existing` resumes it. Out of memory is the file's failure, not the run's: it
+depends on the image's size, and the next image may fit. Outputs are written atomically, an input is never
+overwritten, and under `accelerate launch` / torchrun each process takes its own share of the inputs.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from osediff.core.options import FileOptions
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,27 @@ class BatchResult:
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
+
+
+class RunAborted(RuntimeError):
+    """The run cannot go on (the device or the disk is lost); the message says how far it got and how to resume."""
+
+
+# RuntimeError messages after which a CUDA (or ROCm) context is unusable for the rest of the process
+_DEVICE_LOST = ("cuda error", "cuda driver", "cudnn_status", "cublas_status", "cusolver_status", "hip error",
+                "device-side assert", "illegal memory access", "unspecified launch failure", "ecc error",
+                "no cuda gpus are available", "mps backend")
+
+
+def device_lost(e: BaseException) -> bool:
+    """True for errors that no other file would escape: a broken accelerator or a full / read-only disk.
+    Out of memory is not one (the next, smaller image may fit; the allocator recovers)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return True
+    msg = str(e).lower()
+    if type(e).__name__ == "OutOfMemoryError" or "out of memory" in msg or "alloc_failed" in msg:
+        return False
+    return isinstance(e, RuntimeError) and any(k in msg for k in _DEVICE_LOST)
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -76,15 +103,17 @@ def plan(paths: list[Path], output_dir: Path, ext: str, suffix: str) -> list[tup
 
 def run_batch(pipe, paths: list[Path], output_dir: str | os.PathLike, *, ext: str = "png", suffix: str = "",
               skip_existing: bool = False, save_prompts: bool = False, batch_size: int = 1,
-              progress: bool = True) -> BatchResult:
+              progress: bool = True, files: FileOptions = FileOptions()) -> BatchResult:
     """Super-resolve files with `pipe`; see the module docstring for the guarantees.
 
     With `batch_size` > 1, up to that many consecutive images of the same size and bit depth go through the
     networks together; a batch that fails is retried one image at a time, so one bad image loses only itself.
+    `files`: the input size limit, and whether metadata and grayscale are carried into the outputs. Raises
+    RunAborted when the device or disk is lost (after logging what was done).
     """
     from tqdm import tqdm
 
-    from osediff.files.images import ImageReadError, read_image
+    from osediff.files.images import read_image
 
     output_dir = Path(output_dir)
     result = BatchResult()
@@ -97,35 +126,46 @@ def run_batch(pipe, paths: list[Path], output_dir: str | os.PathLike, *, ext: st
             todo.append((src, dst))
     bs, reruns0 = max(1, batch_size), _reruns(pipe)
     bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True)
-    for i in range(0, len(todo), bs):
-        groups: dict[tuple, list] = {}
-        for src, dst in todo[i:i + bs]:
-            try:
-                pic = read_image(src)
-            except (ImageReadError, FileNotFoundError) as e:
-                log.error("%s", e)
-                result.failed.append((src, str(e)))
-                bar.update(1)
-                continue
-            groups.setdefault((pic.size, pic.bits), []).append((src, dst, pic))
-        for group in groups.values():
-            bar.set_postfix_str(group[0][0].name)
-            t0 = time.perf_counter()
-            try:
-                _run_group(pipe, group, output_dir, save_prompts)
-            except Exception as e:  # isolate the failing image, keep the run going
-                if len(group) > 1:
-                    log.warning("a batch of %d failed (%s); retrying one by one", len(group), e)
-                    for item in group:
-                        _run_one_safely(pipe, item, output_dir, save_prompts, result)
-                        bar.update(1)
+    try:
+        for i in range(0, len(todo), bs):
+            groups: dict[tuple, list] = {}
+            for src, dst in todo[i:i + bs]:
+                try:
+                    pic = read_image(src, files.max_input_megapixels)
+                except Exception as e:  # unreadable, hostile, vanished: this file's failure
+                    if device_lost(e):
+                        raise
+                    log.error("%s", e)
+                    result.failed.append((src, str(e)))
+                    bar.update(1)
                     continue
-                _report_failure(group[0][0], e, result)
-                bar.update(1)
-                continue
-            result.done += [src for src, _, _ in group]
-            bar.update(len(group))
-            bar.set_postfix_str(f"{group[-1][0].name} {(time.perf_counter() - t0) / len(group):.2f}s/img")
+                groups.setdefault((pic.size, pic.bits), []).append((src, dst, pic))
+            for group in groups.values():
+                bar.set_postfix_str(group[0][0].name)
+                t0 = time.perf_counter()
+                try:
+                    _run_group(pipe, group, output_dir, save_prompts, files)
+                except Exception as e:  # isolate the failing image, keep the run going
+                    if device_lost(e):
+                        raise
+                    if len(group) > 1:
+                        log.warning("a batch of %d failed (%s); retrying one by one", len(group), e)
+                        for item in group:
+                            _run_one_safely(pipe, item, output_dir, save_prompts, result, files)
+                            bar.update(1)
+                        continue
+                    _report_failure(group[0][0], e, result)
+                    bar.update(1)
+                    continue
+                result.done += [src for src, _, _ in group]
+                bar.update(len(group))
+                bar.set_postfix_str(f"{group[-1][0].name} {(time.perf_counter() - t0) / len(group):.2f}s/img")
+    except Exception as e:
+        bar.close()
+        if not device_lost(e):
+            raise
+        raise RunAborted(f"run stopped, the device or disk is lost ({type(e).__name__}: {e}); {len(result.done)} "
+                         f"written, {len(result.failed)} failed; rerun with --skip-existing to resume") from e
     bar.close()
     result.reruns = _reruns(pipe) - reruns0
     if result.failed:
@@ -134,11 +174,15 @@ def run_batch(pipe, paths: list[Path], output_dir: str | os.PathLike, *, ext: st
     return result
 
 
-def _run_group(pipe, group: list, output_dir: Path, save_prompts: bool) -> None:
+def _run_group(pipe, group: list, output_dir: Path, save_prompts: bool, files: FileOptions) -> None:
     from osediff.files.images import write_image
 
     outs = pipe.run_pictures([pic for _, _, pic in group])
     for (src, dst, _), (out, prompt) in zip(group, outs):
+        if files.strip_metadata:
+            out = replace(out, meta=None)
+        if files.keep_rgb:
+            out = replace(out, gray=False)
         write_image(dst, out)
         if save_prompts:  # the reference's name: text before the first dot
             txt = output_dir / "txt" / f"{src.name.split('.')[0]}.txt"
@@ -151,20 +195,33 @@ def _reruns(pipe) -> int:
     return getattr(getattr(pipe, "model", None), "reruns", {}).get("images", 0)
 
 
-def _run_one_safely(pipe, item, output_dir: Path, save_prompts: bool, result: BatchResult) -> None:
+def _run_one_safely(pipe, item, output_dir: Path, save_prompts: bool, result: BatchResult,
+                    files: FileOptions) -> None:
     try:
-        _run_group(pipe, [item], output_dir, save_prompts)
+        _run_group(pipe, [item], output_dir, save_prompts, files)
         result.done.append(item[0])
     except Exception as e:  # reported at the end; the run goes on
+        if device_lost(e):
+            raise
         _report_failure(item[0], e, result)
 
 
 def _report_failure(src: Path, e: Exception, result: BatchResult) -> None:
     if "out of memory" in str(e).lower():
+        _free_device_memory()
         log.error("%s: out of memory; try a smaller --tile / --vae-decoder-tile, --vae-offload or --dtype fp16", src)
     else:
         log.error("%s failed: %s: %s", src, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
     result.failed.append((src, f"{type(e).__name__}: {e}"))
+
+
+def _free_device_memory() -> None:
+    """After an out-of-memory error, hand the failed image's cached blocks back so the next image starts clean."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def super_resolve_files(inputs: list[str], output_dir: str, *, base: str | None, weights: str | None,
@@ -172,7 +229,7 @@ def super_resolve_files(inputs: list[str], output_dir: str, *, base: str | None,
                         device: str | None = None, dtype: str | None = None, options=None, ext: str = "png",
                         suffix: str = "", skip_existing: bool = False, save_prompts: bool = False,
                         batch_size: int = 1, merge: bool = True, compile: bool = False,
-                        offline: bool | None = None) -> int:
+                        offline: bool | None = None, files: FileOptions = FileOptions()) -> int:
     """Load the pipeline and super-resolve `inputs` into `output_dir`; returns the exit status (0 = all done)."""
     from osediff.core.options import SROptions
     from osediff.core.pipeline import OSEDiffPipeline
@@ -192,8 +249,12 @@ def super_resolve_files(inputs: list[str], output_dir: str, *, base: str | None,
         from osediff.core.prompts import format_prompt
 
         pipe.model.release_text_encoder([format_prompt("", pipe.options.prompt)])
-    res = run_batch(pipe, paths, output_dir, ext=ext, suffix=suffix, skip_existing=skip_existing,
-                    save_prompts=save_prompts, batch_size=batch_size)
+    try:
+        res = run_batch(pipe, paths, output_dir, ext=ext, suffix=suffix, skip_existing=skip_existing,
+                        save_prompts=save_prompts, batch_size=batch_size, files=files)
+    except RunAborted as e:
+        log.error("%s", e)
+        return 3
     rerun = f", {res.reruns} rerun in fp32 after non-finite values" if res.reruns else ""
     log.info("%d written, %d skipped (existing), %d failed%s -> %s", len(res.done), len(res.skipped),
              len(res.failed), rerun, output_dir)

@@ -1,17 +1,18 @@
-"""`OSEDiffPipeline`: an image in, its ×s super-resolution out (spec §1.3–§1.10), on CUDA, MPS or CPU.
+"""`OSEDiffPipeline`: an image in, its super-resolution out (spec §1.3–§1.10), on CUDA, MPS or CPU.
 
 The recipe, for one image (`run_pictures` and `_restore` read as these steps):
- 1. small-input guard: sides below process_size/s are first enlarged (PIL bicubic)       spec §1.3.2
- 2. ×s bicubic upscale (PIL's kernel, bit-exact for 8-bit images)                         spec §1.3.3
+ 1. sizes: the output size (×scale, --long-side or --size) and the small-input guard: sides below
+    process_size/s are first enlarged (PIL bicubic), within the --max-guard-megapixels cap  spec §1.3.2
+ 2. bicubic upscale to the processed size (PIL's kernel, bit-exact for 8-bit images)       spec §1.3.3
  3. reflect-pad to a multiple of 8 (the reference squashes with LANCZOS instead, §8.2)
  4. tags from the prompt extractor (DAPE) + user prompt -> CLIP embeddings (cached)       spec §1.4–1.5
  5. VAE encode -> one UNet step at t=999 -> x0 -> VAE decode -> clamp                     spec §1.6–1.9
  6. crop the padding; 8-bit floor quantisation; colour fix against the upscaled input; 8-bit floor again
                                                                                            spec §1.10
- 7. guard undone: back to exactly s·W × s·H (the reference forgets to, §8.1); alpha re-attached.
-Deliberate differences from the reference (README "Fidelity"): posterior mean instead of a sample (use
-`sample_latent=True, seed=N` for the reference's behaviour), LoRA merged (`merge=False` keeps peft adapters),
-padding instead of squashing, guard fixed.
+ 7. guard undone: back to exactly the output size (the reference forgets to, §8.1); alpha re-attached.
+For an integer scale s the sizes are the reference's (s·W × s·H). Deliberate differences from the reference
+(README "Fidelity"): posterior mean instead of a sample (use `sample_latent=True, seed=N` for the reference's
+behaviour), LoRA merged (`merge=False` keeps peft adapters), padding instead of squashing, guard fixed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from osediff.core.colorfix import color_fix
 from osediff.core.model import OSEDiffModel, Progress
 from osediff.core.options import SROptions
 from osediff.core.prompts import PromptExtractor, build_prompts
-from osediff.core.resample import guard_size, pad_to_multiple, resize_bicubic
+from osediff.core.resample import SizePlan, output_size, pad_to_multiple, plan_sizes, resize_bicubic
 from osediff.files.images import Picture
 
 log = logging.getLogger(__name__)
@@ -98,19 +99,19 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x * 255).to(torch.uint8)
 
 
-def _warn_if_huge(size: tuple[int, int], scale: int, limit_mp: float = 256.0) -> None:
-    """Extreme aspect ratios are enlarged by the small-input guard first (as in the reference): say so."""
-    mp = size[0] * size[1] * scale * scale / 1e6
+def _warn_if_huge(up: tuple[int, int], limit_mp: float = 256.0) -> None:
+    mp = up[0] * up[1] / 1e6
     if mp > limit_mp:
-        log.warning("processing at %dx%d (%.0f megapixels): this will be slow and memory-hungry",
-                    size[0] * scale, size[1] * scale, mp)
+        log.warning("processing at %dx%d (%.0f megapixels): this will be slow and memory-hungry", *up, mp)
 
 
 class OSEDiffPipeline:
     """OSEDiff ×s super-resolution. Public call: `pipe(image, prompt=None)`.
 
     `image` is a PIL image, a numpy array (H,W[,C]) uint8/uint16/float in [0,1], or a tensor (B,3,H,W) float in
-    [0,1]; the result is the same kind at s× the size (tensors: float in [0,1], not quantised).
+    [0,1]; the result is the same kind at the output size (`SROptions`: ×scale, long_side or size; tensors:
+    float in [0,1], not quantised). A grayscale PIL image (L, LA, I;16) comes back grayscale (BT.601 luma of
+    the result; pass `image.convert("RGB")` for colour), with its ICC profile, EXIF and DPI in `info`.
     """
 
     def __init__(self, model: OSEDiffModel, extractor: PromptExtractor | None = None,
@@ -171,15 +172,33 @@ class OSEDiffPipeline:
         from PIL import Image
 
         if isinstance(image, torch.Tensor):
-            return self._tensor(image, prompt, progress)[0]
+            return self._tensor(image, prompt, progress=progress)[0]
         if isinstance(image, Image.Image):
             from osediff.files.images import from_pil, to_pil
+            from osediff.files.metadata import read_metadata
 
-            out, _ = self.run_picture(from_pil(image), prompt, progress=progress)
+            # the pixels are used as given (not EXIF-rotated), so the output keeps the input's orientation tag
+            meta = replace(read_metadata(image), upright=False)
+            out, _ = self.run_picture(from_pil(image, meta), prompt, progress=progress)
             return to_pil(out)
         if isinstance(image, np.ndarray):
             return self._numpy(image, prompt, progress)
         raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
+
+    def plan(self, w: int, h: int) -> SizePlan:
+        """The sizes a w×h input goes through (`osediff.core.resample.plan_sizes`); says when the guard is
+        capped or the work is huge."""
+        o = self.options
+        out = output_size(w, h, o.scale, o.long_side, o.size)
+        p = plan_sizes(w, h, out, o.process_size, o.max_guard_megapixels)
+        if p.capped:
+            log.warning("%dx%d: the small-input guard would process more than %g megapixels; enlarging only to "
+                        "%dx%d (--max-guard-megapixels %g; 0 lifts the cap)", w, h, o.max_guard_megapixels,
+                        *p.up, o.max_guard_megapixels)
+        if o.size is not None and abs(out[0] / w - out[1] / h) > 0.01 * max(out[0] / w, out[1] / h):
+            log.warning("%dx%d -> --size %dx%d changes the aspect ratio (the image is stretched)", w, h, *out)
+        _warn_if_huge(p.up)
+        return p
 
     # --- entry points by input kind -----------------------------------------------------------------------
     def _numpy(self, a: np.ndarray, prompt: str | None, progress: Progress | None = None):
@@ -191,72 +210,73 @@ class OSEDiffPipeline:
             out, _ = self.run_picture(Picture(np.ascontiguousarray(rgb), alpha), prompt, progress=progress)
             return out.rgb if out.alpha is None else np.dstack([out.rgb, out.alpha])
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).permute(2, 0, 1)[None]
-        return self._tensor(t, prompt, progress)[0][0].permute(1, 2, 0).numpy()
+        return self._tensor(t, prompt, progress=progress)[0][0].permute(1, 2, 0).numpy()
 
-    def _tensor(self, x: torch.Tensor, prompt: str | None, progress: Progress | None = None,
-                ) -> tuple[torch.Tensor, list[str]]:
-        """(B,3,H,W) float [0,1] -> ((B,3,sH,sW) float [0,1] on x's device, prompts); float path throughout."""
+    def _tensor(self, x: torch.Tensor, prompt: str | None, p: SizePlan | None = None,
+                progress: Progress | None = None) -> tuple[torch.Tensor, list[str]]:
+        """(B,3,H,W) float [0,1] -> ((B,3,H',W') float [0,1] on x's device, prompts); float path throughout."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B,3,H,W) tensor, got shape {tuple(x.shape)}")
-        o, s = self.options, self.options.scale
         h0, w0 = x.shape[-2:]
+        p = p or self.plan(w0, h0)
         xd = x.to(self.model.device, torch.float32)
-        guard = guard_size(w0, h0, s, o.process_size)
-        _warn_if_huge(guard or (w0, h0), s)
-        if guard:
-            xd = resize_bicubic(xd, (guard[1], guard[0]))
-        x_up = resize_bicubic(xd, (xd.shape[-2] * s, xd.shape[-1] * s)).clamp(0, 1)
+        if p.guard:
+            xd = resize_bicubic(xd, (p.guard[1], p.guard[0]))
+        x_up = resize_bicubic(xd, (p.up[1], p.up[0])).clamp(0, 1)
         out, prompts = self._restore(x_up, prompt, quantize=False, progress=progress)
-        if guard:
-            out = resize_bicubic(out, (h0 * s, w0 * s)).clamp(0, 1)
+        if p.up != p.out:
+            out = resize_bicubic(out, (p.out[1], p.out[0])).clamp(0, 1)
         return out.to(x.device), prompts
 
     def run_picture(self, pic: Picture, prompt: str | None = None, *, progress: Progress | None = None,
                     ) -> tuple[Picture, str]:
         """A decoded file in, its SR out (+ the prompt used). 8-bit images follow the reference bit for bit
-        (PIL resizes, floor quantisation); 16-bit images take the float path and stay 16-bit."""
+        (PIL resizes, floor quantisation; any scale uses the same PIL calls); 16-bit images take the float
+        path and stay 16-bit."""
         return self.run_pictures([pic], prompt, progress=progress)[0]
 
     @torch.inference_mode()
     def run_pictures(self, pics: list[Picture], prompt: str | None = None, *, progress: Progress | None = None,
                      ) -> list[tuple[Picture, str]]:
         """`run_picture` for several pictures of one size and bit depth, run through the networks as one batch
-        (the same results as one at a time, up to float rounding; with `sample_latent` the noise differs)."""
+        (the same results as one at a time, up to float rounding; with `sample_latent` the noise differs).
+        Each result keeps its input's `gray` and `meta`."""
         from PIL import Image
 
-        s, o = self.options.scale, self.options
         (w0, h0), bits = pics[0].size, pics[0].bits
         if any(p.size != (w0, h0) or p.bits != bits for p in pics):
             raise ValueError("run_pictures needs pictures of one size and bit depth")
-        guard = guard_size(w0, h0, s, o.process_size)
-        _warn_if_huge(guard or (w0, h0), s)
+        plan = self.plan(w0, h0)
         if bits == 8:
             ups = []
             for pic in pics:
                 im = Image.fromarray(pic.rgb, "RGB")
-                if guard:
-                    im = im.resize(guard, Image.BICUBIC)
-                ups.append(np.array(im.resize((im.width * s, im.height * s), Image.BICUBIC)))
+                if plan.guard:
+                    im = im.resize(plan.guard, Image.BICUBIC)
+                ups.append(np.array(im.resize(plan.up, Image.BICUBIC)))
             # contiguous NCHW like ToTensor: a channels-last view would select other conv kernels (other rounding)
             x_up = torch.from_numpy(np.stack(ups)).permute(0, 3, 1, 2).contiguous().float().div(255)
             out, prompts = self._restore(x_up.to(self.model.device), prompt, quantize=True, progress=progress)
             rgbs = list(out.permute(0, 2, 3, 1).cpu().numpy())
-            if guard:
-                rgbs = [np.asarray(Image.fromarray(r, "RGB").resize((w0 * s, h0 * s), Image.BICUBIC)) for r in rgbs]
+            if plan.up != plan.out:
+                rgbs = [np.asarray(Image.fromarray(r, "RGB").resize(plan.out, Image.BICUBIC)) for r in rgbs]
             alphas = [None if p.alpha is None else
-                      np.asarray(Image.fromarray(p.alpha, "L").resize((w0 * s, h0 * s), Image.BICUBIC)) for p in pics]
+                      np.asarray(Image.fromarray(p.alpha, "L").resize(plan.out, Image.BICUBIC)) for p in pics]
         else:
             x = torch.from_numpy(np.stack([p.rgb for p in pics]).astype(np.float32) / 65535).permute(0, 3, 1, 2)
-            out, prompts = self._tensor(x, prompt, progress)
+            out, prompts = self._tensor(x, prompt, plan, progress)
             rgbs = list((out.permute(0, 2, 3, 1).cpu().numpy() * 65535).round().astype(np.uint16))
             alphas = []
             for p in pics:
                 if p.alpha is None:
                     alphas.append(None)
                     continue
-                a = resize_bicubic(torch.from_numpy(p.alpha.astype(np.float32) / 65535)[None, None], (h0 * s, w0 * s))
+                a = resize_bicubic(torch.from_numpy(p.alpha.astype(np.float32) / 65535)[None, None],
+                                   (plan.out[1], plan.out[0]))
                 alphas.append((a.clamp(0, 1)[0, 0].numpy() * 65535).round().astype(np.uint16))
-        return [(Picture(np.ascontiguousarray(r), a), pr) for r, a, pr in zip(rgbs, alphas, prompts)]
+        # gray-ness and metadata travel with the picture; the writer applies them
+        return [(replace(p, rgb=np.ascontiguousarray(r), alpha=a), pr)
+                for p, r, a, pr in zip(pics, rgbs, alphas, prompts)]
 
     # --- the model part -----------------------------------------------------------------------------------
     def _restore(self, x_up: torch.Tensor, prompt: str | None, quantize: bool, progress: Progress | None = None,

@@ -8,6 +8,8 @@ PIL itself (bit-exact, including its 8-bit rounding); this module serves float t
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -60,12 +62,64 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
     return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
 
 
-def guard_size(w: int, h: int, scale: int, process_size: int) -> tuple[int, int] | None:
+def guard_size(w: int, h: int, scale: float, process_size: int) -> tuple[int, int] | None:
     """The reference's small-input guard (spec §1.3 step 2): the pre-upscale size when a side is below
-    process_size // scale, else None."""
-    floor = process_size // scale
+    process_size // scale, else None. Exactly the reference's numbers for integer scales."""
+    floor = int(process_size // scale)
     if w >= floor and h >= floor:
         return None
     s = floor / min(w, h)
     return max(1, int(s * w)), max(1, int(s * h))
 
+
+def _round_half_up(x: float) -> int:
+    return max(1, math.floor(x + 0.5))
+
+
+def output_size(w: int, h: int, scale: float = 4, long_side: int | None = None,
+                size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The output (width, height) for a w×h input: `size` as given; else the long side made `long_side` with
+    the aspect kept; else round(scale·w) × round(scale·h), rounded half up (exactly s·w × s·h for integer s)."""
+    if size is not None:
+        return size
+    if long_side is not None:
+        s = long_side / max(w, h)
+        return (long_side, _round_half_up(s * h)) if w >= h else (_round_half_up(s * w), long_side)
+    return _round_half_up(scale * w), _round_half_up(scale * h)
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """The sizes (width, height) one input goes through: guard (None: not enlarged) -> up, what the networks
+    process -> out, the result. `capped`: the guard was held back by `max_guard_megapixels`."""
+
+    guard: tuple[int, int] | None
+    up: tuple[int, int]
+    out: tuple[int, int]
+    capped: bool = False
+
+
+def plan_sizes(w: int, h: int, out: tuple[int, int], process_size: int,
+               max_guard_megapixels: float = 0) -> SizePlan:
+    """The reference's guard + bicubic upscale, generalised to any output size, with a cap.
+
+    The per-axis factors are sx = out_w / w, sy = out_h / h (both s for an integer scale s); the guard uses
+    s = min(sx, sy). The image the networks see is (round(sx·gw), round(sy·gh)) for the guarded size (gw, gh),
+    which for integer scales is the reference's gw·s × gh·s. The rule for extreme aspect ratios: the guard
+    only enlarges while the processed image stays within `max_guard_megapixels` (0 = no cap, the reference);
+    past it the guard factor shrinks to fit (down to no guard at all), so a 2000×2 strip is not turned into
+    512000×512. The result is `out` either way.
+    """
+    sx, sy = out[0] / w, out[1] / h
+    guard = guard_size(w, h, min(sx, sy), process_size)
+    if guard is None:
+        return SizePlan(None, out, out)
+    up = (_round_half_up(sx * guard[0]), _round_half_up(sy * guard[1]))
+    cap = max_guard_megapixels * 1e6
+    if not cap or up[0] * up[1] <= cap:
+        return SizePlan(guard, up, out)
+    g = math.sqrt(cap / (w * h * sx * sy))  # the guard factor whose processed area is the cap
+    if g <= 1:
+        return SizePlan(None, out, out, capped=True)
+    guard = (max(1, int(g * w)), max(1, int(g * h)))
+    return SizePlan(guard, (_round_half_up(sx * guard[0]), _round_half_up(sy * guard[1])), out, capped=True)

@@ -26,7 +26,7 @@ def job_options(scale, color_fix, prompt, tags, tile, tile_overlap, enc_tile, de
     """The page's control values -> JobOptions (an empty tags box means: let DAPE read the tags)."""
     tags = (tags or "").strip()
     seed = None if seed in (None, "") or seed < 0 else int(seed)
-    return JobOptions(scale=int(scale), color_fix=color_fix, prompt=prompt or "", tags=tags or None,
+    return JobOptions(scale=float(scale), color_fix=color_fix, prompt=prompt or "", tags=tags or None,
                       tile=int(tile), tile_overlap=int(tile_overlap), vae_encoder_tile=int(enc_tile),
                       vae_decoder_tile=int(dec_tile), seed=seed, sample_latent=bool(sample))
 
@@ -110,7 +110,7 @@ def build_app(runner: Runner, *, examples: list[str] | None = None, notice: str 
         if notice:
             gr.Markdown(f"**{notice}**", elem_id="notice")
         with gr.Row():
-            scale = gr.Slider(1, 8, value=4, step=1, label="Scale")
+            scale = gr.Slider(1, 8, value=4, step=0.5, label="Scale")
             color_fix = gr.Radio(["adain", "wavelet", "none"], value="adain", label="Colour fix")
             prompt = gr.Textbox(label="Prompt (added after the tags)", elem_id="prompt")
         with gr.Accordion("Advanced", open=False):

@@ -38,7 +38,7 @@ class Cancelled(Exception):
 class JobOptions:
     """The page's controls: `tags` None lets DAPE read them; a string (even empty) is used as the tags."""
 
-    scale: int = 4
+    scale: float = 4  # any factor (output round(s·W) × round(s·H)); whole numbers take the integer path
     color_fix: str = "adain"
     prompt: str = ""
     tags: str | None = None

@@ -242,3 +242,79 @@ def test_progress_reports_each_stage_in_order_and_can_abort(tiny_pipe):
     calls.clear()
     tiny_pipe(torch.rand(1, 3, 16, 16), progress=lambda *a: calls.append(a))
     assert [c for c in calls if c[0] == "unet"] == [("unet", 0, 1)]
+
+
+# --- any scale, grayscale and metadata through pipe(...) ----------------------------------------------------
+@pytest.mark.parametrize("w,h,opts,size", [(20, 12, dict(scale=2.5), (50, 30)), (21, 13, dict(scale=1.5), (32, 20)),
+                                           (30, 17, dict(scale=3.3), (99, 56)),
+                                           (40, 30, dict(long_side=100), (100, 75)),
+                                           (30, 40, dict(size="64x48"), (64, 48)),
+                                           (30, 40, dict(size=(50, 60)), (50, 60))])
+def test_float_scales_long_side_and_size_for_pil_inputs(tiny_pipe, w, h, opts, size):
+    pipe = tiny_pipe.with_options(process_size=64, **opts)
+    assert pipe(_rand_image(w, h)).size == size
+    rgba = Image.fromarray(np.dstack([np.asarray(_rand_image(w, h)), np.full((h, w), 200, np.uint8)]), "RGBA")
+    out = pipe(rgba)
+    assert out.mode == "RGBA" and out.size == size
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    assert pipe(x).shape == (1, 3, size[1], size[0])
+
+
+def test_an_integer_valued_float_scale_is_the_integer_path(tiny_pipe):
+    img = _rand_image(24, 20, seed=4)
+    assert SROptions(scale=4.0).scale == 4 and isinstance(SROptions(scale=4.0).scale, int)
+    a = np.asarray(tiny_pipe.with_options(process_size=64)(img))
+    b = np.asarray(tiny_pipe.with_options(process_size=64, scale=4.0)(img))
+    assert np.array_equal(a, b)
+
+
+def test_size_options_are_checked():
+    with pytest.raises(ValueError, match="WxH"):
+        SROptions(size="big")
+    with pytest.raises(ValueError, match="not both"):
+        SROptions(size="10x10", long_side=10)
+    with pytest.raises(ValueError, match="max-guard"):
+        SROptions(max_guard_megapixels=-1)
+
+
+def test_grayscale_pil_in_grayscale_out_with_its_profile(tiny_pipe):
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    g = Image.fromarray(np.asarray(_rand_image(16, 12, seed=2))[..., 0], "L")
+    exif = Image.Exif()
+    exif[0x0110], exif[0x0112] = "X100", 6
+    g.info["icc_profile"], g.info["exif"] = icc, exif.tobytes()
+    out = tiny_pipe.with_options(process_size=64)(g)
+    assert out.mode == "L" and out.size == (64, 48) and out.info["icc_profile"] == icc
+    back = Image.Exif()
+    back.load(out.info["exif"])
+    assert back[0x0110] == "X100" and back[0x0112] == 6  # pixels used as given: the orientation tag still applies
+    la = tiny_pipe.with_options(process_size=64)(g.convert("LA"))
+    assert la.mode == "LA"
+    rgb = tiny_pipe.with_options(process_size=64)(g.convert("RGB"))
+    # the gray output is the BT.601 luma of the colour result of the same pixels
+    from osediff.files.images import luma601
+
+    assert np.array_equal(np.asarray(out), luma601(np.asarray(rgb)))
+
+
+def test_an_extreme_strip_is_processed_within_the_guard_cap_in_seconds(tiny_pipe, caplog):
+    import time
+
+    seen = []
+    original = tiny_pipe._restore
+
+    def spy(x_up, *a, **k):
+        seen.append(tuple(x_up.shape[-2:]))
+        return original(x_up, *a, **k)
+
+    # process_size 512: the reference would process 512000×512 (262 MP). The default cap (4 MP) takes minutes
+    # on a CPU even with the tiny model, so the rule is shown with a cap of 0.1 MP: guard 2500×2, 10000×8.
+    pipe = tiny_pipe.with_options(max_guard_megapixels=0.1)
+    pipe._restore = spy
+    t0 = time.perf_counter()
+    out = pipe(_rand_image(2000, 2))
+    assert out.size == (8000, 8) and time.perf_counter() - t0 < 120
+    assert seen == [(8, 10000)]
+    assert "--max-guard-megapixels" in caplog.text and "0 lifts the cap" in caplog.text

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from osediff.core.resample import guard_size, pad_to_multiple, resize_bicubic
+from osediff.core.resample import guard_size, output_size, pad_to_multiple, plan_sizes, resize_bicubic
 
 
 @pytest.mark.parametrize("h,w,oh,ow", [(13, 17, 52, 68), (32, 32, 128, 128), (40, 30, 13, 11), (5, 7, 9, 21), (1, 3, 4, 12)])
@@ -32,3 +32,42 @@ def test_guard_matches_reference_rule():
     assert guard_size(100, 200, 4, 512) == (128, 256)
     assert guard_size(300, 90, 4, 512) == (int(128 / 90 * 300), 128)
     assert guard_size(511, 600, 1, 512) == (512, int(512 / 511 * 600))
+
+
+def test_output_size_rule():
+    assert output_size(37, 45, 4) == (148, 180)
+    assert output_size(5, 3, 2.5) == (13, 8)  # 12.5 and 7.5 round half up
+    assert output_size(101, 33, 1.5) == (152, 50)  # 151.5 -> 152, 49.5 -> 50
+    assert output_size(640, 480, long_side=3840) == (3840, 2880)
+    assert output_size(480, 640, long_side=1000) == (750, 1000)
+    assert output_size(333, 777, long_side=1001)[1] == 1001  # the long side is exact, whatever the rounding
+    assert output_size(100, 100, 4, size=(3840, 2160)) == (3840, 2160)
+    assert output_size(1, 1, 0.1) == (1, 1)  # never empty
+
+
+@pytest.mark.parametrize("w,h,s", [(37, 45, 4), (300, 14, 4), (100, 200, 4), (511, 600, 1), (70, 66, 2), (1, 1, 4)])
+def test_integer_scales_plan_the_reference_sizes(w, h, s):
+    p = plan_sizes(w, h, (s * w, s * h), 512, max_guard_megapixels=0)
+    g = guard_size(w, h, s, 512)
+    assert p.guard == g and p.out == (s * w, s * h) and not p.capped
+    assert p.up == ((g[0] * s, g[1] * s) if g else (s * w, s * h))  # the reference's im.resize((w*s, h*s))
+    assert plan_sizes(w, h, (s * w, s * h), 512, 4.0) == p or p.up[0] * p.up[1] > 4e6  # the cap only bites above
+
+
+def test_the_guard_cap_keeps_a_strip_a_strip():
+    # the reference: 2000×2 ×4 -> guard 128000×128 -> processed 512000×512 = 262 megapixels
+    ref = plan_sizes(2000, 2, (8000, 8), 512, max_guard_megapixels=0)
+    assert ref.guard == (128000, 128) and ref.up == (512000, 512)
+    p = plan_sizes(2000, 2, (8000, 8), 512, max_guard_megapixels=4.0)
+    assert p.capped and p.out == (8000, 8) and p.up[0] * p.up[1] <= 4e6
+    assert p.up[0] / p.up[1] == pytest.approx(1000, rel=0.1)  # same shape, just less enlarged
+    assert plan_sizes(2000, 2, (8000, 8), 512, max_guard_megapixels=0.01) == type(p)(None, (8000, 8), (8000, 8), True)
+    # with the default cap (4 MP), the guard is the reference's for aspect ratios up to 15:1 at ×4 (512² · 15 px)
+    assert not plan_sizes(15 * 127, 127, (15 * 127 * 4, 127 * 4), 512, 4.0).capped
+    assert plan_sizes(17 * 127, 127, (17 * 127 * 4, 127 * 4), 512, 4.0).capped
+
+
+def test_fractional_scales_plan_a_guard_too():
+    p = plan_sizes(50, 80, output_size(50, 80, 2.5), 512)  # threshold 512 // 2.5 = 204
+    assert p.guard == (204, int(204 / 50 * 80)) and p.out == (125, 200)
+    assert p.up == (510, round(2.5 * p.guard[1]))
