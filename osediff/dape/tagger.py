@@ -335,17 +335,10 @@ def _existing(path: str | Path, what: str, source: str) -> Path:
 
 
 def _torch_load(path: Path):
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # mmap needs the zip format; older pickles load without it
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{path} could not be read as a PyTorch checkpoint with torch.load(weights_only=True) "
-                         f"({type(e).__name__}: {first})") from e
+    # the same safe read as `osediff download --check` (weights_only, mmap where the format allows)
+    from osediff.weights.check import torch_load
+
+    return torch_load(path)
 
 
 def _is_state_dict(obj) -> bool:

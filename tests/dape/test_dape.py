@@ -268,7 +268,7 @@ def test_missing_and_foreign_files_give_clear_errors(tmp_path):
     assert "broken.pth" in str(e.value)
 
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="could not be read"):
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
         load(tmp_path / "junk.pth")
     torch.save({"lora_A": torch.zeros(1)}, tmp_path / "plain.pth")
     with pytest.raises(ValueError, match="not a RAM checkpoint.*--dape"):
