@@ -94,16 +94,16 @@ class OSEDiffUpscale:
         import comfy.utils
 
         from osediff.core.pipeline import OSEDiffPipeline
-        from osediff.core.prompts import format_prompt
+        from osediff.core.prompts import FixedTags, TagRecorder, format_prompt
 
         tiles = {k: v for k, v in (("tile", tile), ("tile_overlap", tile_overlap),
                                    ("vae_encoder_tile", vae_encoder_tile), ("vae_decoder_tile", vae_decoder_tile))
                  if v is not None}
         pipe = model.with_options(scale=scale_value(scale), color_fix=color_fix, **tiles)
         x = to_nchw(image)  # (B,3,H,W) float [0,1]
-        used: list[str] = []  # per image: the tags the pipeline got, recorded on their way in
-        extractor = (lambda imgs: [tags.strip()] * imgs.shape[0]) if tags.strip() else pipe.extractor
-        pipe = OSEDiffPipeline(pipe.model, _recording(extractor, used), pipe.options)
+        # records the tags the pipeline got, image by image, on their way in
+        recorder = TagRecorder(FixedTags(tags.strip()) if tags.strip() else pipe.extractor)
+        pipe = OSEDiffPipeline(pipe.model, recorder, pipe.options)
 
         mm.free_memory(memory_estimate(pipe, x), mm.get_torch_device())
         n = x.shape[0]
@@ -116,7 +116,7 @@ class OSEDiffUpscale:
             outs.append(out)
             bar.update_absolute(STEPS * (i + 1), STEPS * n)
         mm.throw_exception_if_processing_interrupted()
-        text = "\n".join(format_prompt(t, prompt) for t in used)
+        text = "\n".join(format_prompt(t, prompt) for t in recorder.seen)
         return (torch.cat(outs).movedim(1, -1).float(), text)
 
 
@@ -190,15 +190,6 @@ def _reporter(bar, i: int, n: int, check_interrupted):
 def _is_oom(e: BaseException) -> bool:
     # CUDA raises torch.OutOfMemoryError; MPS and some allocators a RuntimeError naming it
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def _recording(extractor, sink: list[str]):
-    """The extractor, also appending each image's tags to `sink` (None -> no tags, as the pipeline does)."""
-    def extract(images: torch.Tensor) -> list[str]:
-        got = extractor(images) if extractor is not None else [""] * images.shape[0]
-        sink.extend(got)
-        return got
-    return extract
 
 
 NODE_CLASS_MAPPINGS = {"OSEDiffLoader": OSEDiffLoader, "OSEDiffUpscale": OSEDiffUpscale}

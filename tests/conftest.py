@@ -34,3 +34,11 @@ def tiny_pipe(tiny_sd, tiny_ckpt):
     from osediff.core.pipeline import OSEDiffPipeline
 
     return OSEDiffPipeline.from_pretrained(str(tiny_sd), str(tiny_ckpt), device="cpu", dtype="fp32", use_dape=False)
+
+
+@pytest.fixture(scope="session")
+def sr_args(tiny_sd, tiny_ckpt) -> list[str]:
+    """`osediff sr` flags for the tiny model on the CPU. fp32: `--dtype auto` picks bf16 on CPUs with native bf16
+    and fp32 elsewhere, and the tests must not depend on the machine."""
+    return ["--base", str(tiny_sd), "--weights", str(tiny_ckpt), "--no-dape", "--device", "cpu", "--dtype", "fp32",
+            "--process-size", "64"]

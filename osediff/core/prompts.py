@@ -25,3 +25,26 @@ def build_prompts(images: torch.Tensor, extractor: PromptExtractor | None, user_
     if len(tags) != images.shape[0]:
         raise ValueError(f"prompt extractor returned {len(tags)} tag strings for {images.shape[0]} images")
     return [format_prompt(t, user_prompt) for t in tags]
+
+
+class FixedTags:
+    """A prompt extractor that gives every image the same `tags` (a user's tags instead of DAPE's)."""
+
+    def __init__(self, tags: str):
+        self.tags = tags
+
+    def __call__(self, images: torch.Tensor) -> list[str]:
+        return [self.tags] * images.shape[0]
+
+
+class TagRecorder:
+    """Wraps an extractor (None: no tags) and keeps, in `seen`, every tag string it returned, in order: how a
+    front-end learns which tags the UNet was conditioned on."""
+
+    def __init__(self, extractor: PromptExtractor | None):
+        self.extractor, self.seen = extractor, []
+
+    def __call__(self, images: torch.Tensor) -> list[str]:
+        tags = self.extractor(images) if self.extractor is not None else [""] * images.shape[0]
+        self.seen.extend(tags)
+        return tags

@@ -67,28 +67,6 @@ def gradio_temp_dir() -> Path:
     return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
 
 
-class FixedTags:
-    """A prompt extractor that returns the user's tags for every image (the page's edited tags box)."""
-
-    def __init__(self, tags: str):
-        self.tags = tags
-
-    def __call__(self, images) -> list[str]:
-        return [self.tags] * images.shape[0]
-
-
-class RecordingTags:
-    """Wraps an extractor (or none) and remembers the tags it returned, so the page can show them."""
-
-    def __init__(self, extractor):
-        self.extractor, self.last = extractor, ""
-
-    def __call__(self, images) -> list[str]:
-        tags = self.extractor(images) if self.extractor is not None else [""] * images.shape[0]
-        self.last = tags[0]
-        return tags
-
-
 class Runner:
     """Runs the page's jobs on one loaded `OSEDiffPipeline`. Public call: `run(path, options, progress)`."""
 
@@ -137,6 +115,7 @@ class Runner:
 
         from osediff.core.model import progress_fraction
         from osediff.core.pipeline import OSEDiffPipeline
+        from osediff.core.prompts import FixedTags, TagRecorder
 
         pic = self.check(path)
         times: list[tuple[str, float]] = []
@@ -157,7 +136,7 @@ class Runner:
                     times.append((name, time.perf_counter()))
                 say(0.0 if name == "read" else progress_fraction(name, done, total), STAGE_LABEL[name] + (f" tile {done + 1}/{total}" if name == "unet" and total > 1 else ""))
 
-            tags = RecordingTags(self.pipe.extractor) if options.tags is None else FixedTags(options.tags)
+            tags = TagRecorder(self.pipe.extractor if options.tags is None else FixedTags(options.tags))
             pipe = OSEDiffPipeline(self.pipe.model, tags, self.pipe.options).with_options(
                 scale=options.scale, color_fix=options.color_fix, prompt=options.prompt, tile=options.tile,
                 tile_overlap=options.tile_overlap, vae_encoder_tile=options.vae_encoder_tile,
@@ -180,8 +159,7 @@ class Runner:
         write_image(output, out)
         _bicubic(pic, out.size).save(before)
         seconds = {name: t1 - t0 for (name, t0), (_, t1) in zip(times, times[1:])}
-        used = tags.tags if isinstance(tags, FixedTags) else tags.last
-        return JobResult(output, before, used, prompt, out.size, out.bits, seconds, peak)
+        return JobResult(output, before, tags.seen[-1], prompt, out.size, out.bits, seconds, peak)
 
     def run_many(self, paths: list, options: JobOptions = JobOptions(),
                  progress: Callable[[float, str], None] | None = None, session: str | None = None,

@@ -27,10 +27,8 @@ def png16(path, arr):
 
 
 @pytest.fixture
-def args(tiny_sd, tiny_ckpt):
-    # fp32: `--dtype auto` would pick bf16 on CPUs with native bf16, fp32 elsewhere
-    return ["--base", str(tiny_sd), "--weights", str(tiny_ckpt), "--no-dape", "--device", "cpu", "--dtype", "fp32",
-            "--process-size", "64"]
+def args(sr_args):
+    return sr_args
 
 
 def _rgb(w, h, seed=0):

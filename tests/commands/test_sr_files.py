@@ -12,10 +12,8 @@ MAKE, MODEL, DATETIME, ORIENTATION = 0x010F, 0x0110, 0x0132, 0x0112
 
 
 @pytest.fixture
-def args(tiny_sd, tiny_ckpt):
-    # fp32: `--dtype auto` picks bf16 on CPUs with native bf16 and fp32 elsewhere; tests must not depend on it
-    return ["--base", str(tiny_sd), "--weights", str(tiny_ckpt), "--no-dape", "--device", "cpu", "--dtype", "fp32",
-            "--process-size", "64"]
+def args(sr_args):
+    return sr_args
 
 
 def _rgb(w, h, seed=0):
