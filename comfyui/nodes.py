@@ -104,6 +104,7 @@ class OSEDiffUpscale:
         # records the tags the pipeline got, image by image, on their way in
         recorder = TagRecorder(FixedTags(tags.strip()) if tags.strip() else pipe.extractor)
         pipe = OSEDiffPipeline(pipe.model, recorder, pipe.options)
+        used: list[str] = []
 
         mm.free_memory(memory_estimate(pipe, x), mm.get_torch_device())
         n = x.shape[0]
@@ -114,9 +115,10 @@ class OSEDiffUpscale:
             report = _reporter(bar, i, n, mm.throw_exception_if_processing_interrupted)
             out, pipe = run_with_oom_retry(pipe, x[i:i + 1], prompt, mm.soft_empty_cache, report)
             outs.append(out)
+            used.append(recorder.seen[-1])  # the tags of the attempt that fitted (a retry reads them again)
             bar.update_absolute(STEPS * (i + 1), STEPS * n)
         mm.throw_exception_if_processing_interrupted()
-        text = "\n".join(format_prompt(t, prompt) for t in recorder.seen)
+        text = "\n".join(format_prompt(t, prompt) for t in used)
         return (torch.cat(outs).movedim(1, -1).float(), text)
 
 

@@ -244,6 +244,23 @@ def test_out_of_memory_retries_with_smaller_tiles(pack, installed, monkeypatch):
     assert torch.equal(out[0], fitted(image[:1].permute(0, 3, 1, 2))[0].permute(1, 2, 0))
 
 
+def test_an_out_of_memory_retry_after_the_tags_gives_one_prompt_line_per_image(pack, installed, monkeypatch):
+    from osediff.core.model import OSEDiffModel
+
+    model = _fast(pack)
+    real, failed = OSEDiffModel.forward, []
+
+    def once_out_of_memory(self, *a, **k):  # after the tags were read, as a real UNet OOM would be
+        if not failed:
+            failed.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(OSEDiffModel, "forward", once_out_of_memory)
+    _, text = _upscale(pack, model, _images(b=2), tags="dog", prompt="sharp")
+    assert failed and text == "dog, sharp,\ndog, sharp,"
+
+
 def test_out_of_memory_at_the_floor_and_other_errors_are_raised(pack, installed, monkeypatch):
     model = _fast(pack)
     tried = []
