@@ -58,6 +58,14 @@ class ImageReadError(ValueError):
     """A file that is not a readable image, or one refused as hostile; the message names it."""
 
 
+class TooManyPixelsError(ImageReadError):
+    """Refused from the header: it claims `size` (W, H), more than `limit` megapixels."""
+
+    def __init__(self, message: str, size: tuple[int, int], limit: float):
+        super().__init__(message)
+        self.size, self.limit = size, limit
+
+
 @dataclass(frozen=True)
 class Picture:
     rgb: np.ndarray  # (H, W, 3) uint8 or uint16
@@ -182,8 +190,9 @@ def refuse_hostile(path: Path, im, max_megapixels: float) -> None:
     if w < 1 or h < 1:
         raise ImageReadError(f"refused {path}: the header says {w}x{h}")
     if max_megapixels and mp > max_megapixels:
-        raise ImageReadError(f"refused {path}: the header says {w}x{h} = {mp:.3g} megapixels, above "
-                             f"--max-input-megapixels {max_megapixels:g} (raise it to read this file)")
+        raise TooManyPixelsError(f"refused {path}: the header says {w}x{h} = {mp:.3g} megapixels, above "
+                                 f"--max-input-megapixels {max_megapixels:g} (raise it to read this file)",
+                                 (w, h), max_megapixels)
     if im.format == "PNG":
         need = h * (1 + (w + 7) // 8)  # the least inflated data: 1 bit per pixel plus a filter byte per row
         size = path.stat().st_size

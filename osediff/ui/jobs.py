@@ -84,10 +84,11 @@ class Runner:
         return True
 
     def check(self, path: str | os.PathLike | None):
-        """The upload as a `Picture`, or a `JobError` saying why not (before any pixel work is done)."""
-        from PIL import Image, UnidentifiedImageError
+        """The upload as a `Picture`, or a `JobError` saying why not. The page's cap is checked from the header
+        by the reader `osediff sr` uses (`read_image`), before any pixel is decoded."""
+        from PIL import UnidentifiedImageError
 
-        from osediff.files.images import ImageReadError, read_image
+        from osediff.files.images import ImageReadError, TooManyPixelsError, read_image
 
         if path is None:
             raise JobError("No image: upload, drop or paste one first.")
@@ -95,16 +96,14 @@ class Runner:
         if not path.is_file() or path.stat().st_size == 0:
             raise JobError(f"{path.name}: the file is empty.")
         try:
-            with Image.open(path) as im:  # reads the header only
-                w, h = im.size
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise JobError(f"{path.name} is not an image this page can read ({type(e).__name__}).") from e
-        if w * h > self.max_megapixels * 1e6:
+            return read_image(path, max_megapixels=self.max_megapixels)
+        except TooManyPixelsError as e:
+            (w, h) = e.size
             raise JobError(f"{path.name} is {w}×{h} ({w * h / 1e6:.1f} megapixels); this page takes at most "
-                           f"{self.max_megapixels:g} megapixels (osediff ui --max-megapixels).")
-        try:
-            return read_image(path)
+                           f"{self.max_megapixels:g} megapixels (osediff ui --max-megapixels).") from e
         except ImageReadError as e:
+            if isinstance(e.__cause__, UnidentifiedImageError):
+                raise JobError(f"{path.name} is not an image this page can read.") from e
             raise JobError(f"{path.name} is damaged and cannot be decoded.") from e
 
     def run(self, path, options: JobOptions = JobOptions(), progress: Callable[[float, str], None] | None = None,
