@@ -17,6 +17,7 @@ This is the only module of the pack that imports osediff's weight-location helpe
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from pathlib import Path
@@ -111,11 +112,14 @@ def locate(key: str, name: str) -> str | None:
 _cache: dict[tuple, object] = {}
 
 
-def load_pipeline(base: str, weights: str, ram: str, dape: str, dtype: str | None, device: str):
-    """`OSEDiffPipeline.from_pretrained` on the located files, cached across prompts.
+def load_pipeline(base: str, weights: str, ram: str, dape: str, dtype: str, device: str):
+    """`OSEDiffPipeline.from_pretrained` on the located files (`dtype` fp16/bf16/fp32, built on `device`, the
+    offload device), cached across prompts.
 
-    One pipeline is kept (the last one asked for): a second, different OSEDiffLoader replaces it rather than
-    holding two copies of SD 2.1 in memory. A file replaced on disk (new mtime) reloads.
+    The cache is what lets ComfyUI evict the model and the next prompt load it again without reading a file:
+    the evicted modules wait here, on the offload device (RAM). One pipeline is kept (the last one asked for):
+    a second, different OSEDiffLoader replaces it rather than holding two copies of SD 2.1 in memory. A file
+    replaced on disk (new mtime) reloads.
     """
     from osediff.core.pipeline import OSEDiffPipeline
 
@@ -126,6 +130,9 @@ def load_pipeline(base: str, weights: str, ram: str, dape: str, dtype: str | Non
     key = (tuple((k, p, _mtime(p)) for k, p in paths.items()), dtype, device)
     if key not in _cache:
         _cache.clear()
+        # the old modules and their ModelPatchers reference each other: collect them now, so their memory is
+        # back before the new one is built and ComfyUI drops them from its list (it holds them weakly)
+        gc.collect()
         use_dape = paths["ram"] is not None
         if not use_dape:
             log.warning("OSEDiff runs without DAPE tags (ram/dape set to none): outputs differ from the published "

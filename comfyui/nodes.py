@@ -1,6 +1,7 @@
 """The two nodes: `OSEDiffLoader` (weights -> OSEDIFF_MODEL) and `OSEDiffUpscale` (IMAGE -> ×s IMAGE + prompt).
 
-Thin by design: the loader calls `OSEDiffPipeline.from_pretrained`, the upscaler calls the pipeline on each
+Thin by design: the loader calls `OSEDiffPipeline.from_pretrained` (on ComfyUI's offload device, in ComfyUI's
+precision, see memory.py), the upscaler has ComfyUI's memory manager load it and calls the pipeline on each
 image of the batch as a (1,3,H,W) float tensor, exactly as the Python API's `pipe(tensor)` (the float path: no
 8-bit quantisation, see the README "ComfyUI"). Written in ComfyUI's classic node API (INPUT_TYPES /
 RETURN_TYPES / NODE_CLASS_MAPPINGS), which every ComfyUI release loads; ComfyUI's own modules are imported
@@ -14,13 +15,13 @@ from dataclasses import fields
 
 import torch
 
-from . import models
+from . import memory, models
 
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "OSEDIFF_MODEL"
 CATEGORY = "image/upscaling"
-DTYPES = {"auto": None, "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}  # auto: the pipeline's default
+DTYPES = ("auto", "fp16", "bf16", "fp32")  # auto: ComfyUI's choice for its device (memory.auto_dtype)
 COLOR_FIXES = ("adain", "wavelet", "none")
 # OOM retry floors: latent tile (×8 px), VAE encoder / decoder tiles (px)
 MIN_TILE, MIN_ENCODER_TILE, MIN_DECODER_TILE = 32, 128, 64
@@ -38,7 +39,8 @@ class OSEDiffLoader:
             "ram": (models.file_choices("ram"), {"tooltip": "RAM Swin-L tagger, or none (no tags)"}),
             "dape": (models.file_choices("dape"), {"tooltip": "DAPE LoRA of the tagger, or none (no tags)"}),
             "dtype": (list(DTYPES), {"default": "auto",
-                                     "tooltip": "auto: fp16 on GPUs, fp32 on the CPU (the pipeline's default)"}),
+                                     "tooltip": "auto: what ComfyUI picks for its device (fp16 on most GPUs, "
+                                                "fp32 on the CPU and with --force-fp32)"}),
         }}
 
     RETURN_TYPES = (MODEL_TYPE,)
@@ -50,8 +52,12 @@ class OSEDiffLoader:
     def load(self, base: str, weights: str, ram: str, dape: str, dtype: str = "auto"):
         import comfy.model_management as mm
 
-        device = str(mm.get_torch_device())
-        return (models.load_pipeline(base, weights, ram, dape, DTYPES[dtype], device),)
+        if dtype == "auto":
+            dtype = memory.auto_dtype(mm.get_torch_device())
+        # built where ComfyUI keeps models it is not running (RAM, unless --highvram); the upscaler loads it
+        pipe = models.load_pipeline(base, weights, ram, dape, dtype, str(mm.unet_offload_device()))
+        memory.patchers(pipe)  # wrapped once; ComfyUI lists them from the first upscale on
+        return (pipe,)
 
 
 class OSEDiffUpscale:
@@ -101,12 +107,12 @@ class OSEDiffUpscale:
                  if v is not None}
         pipe = model.with_options(scale=scale_value(scale), color_fix=color_fix, **tiles)
         x = to_nchw(image)  # (B,3,H,W) float [0,1]
+        memory.load(pipe, memory.memory_required(pipe, x))  # on ComfyUI's device, evicting others if needed
         # records the tags the pipeline got, image by image, on their way in
         recorder = TagRecorder(FixedTags(tags.strip()) if tags.strip() else pipe.extractor)
         pipe = OSEDiffPipeline(pipe.model, recorder, pipe.options)
         used: list[str] = []
 
-        mm.free_memory(memory_estimate(pipe, x), mm.get_torch_device())
         n = x.shape[0]
         bar = comfy.utils.ProgressBar(STEPS * n)
         outs = []
@@ -143,19 +149,6 @@ def scale_value(scale: float) -> int | float:
         raise ValueError(f"scale {scale}: this osediff supports whole-number scales only (1, 2, 3, 4, ...); "
                          "choose one, or upgrade osediff for fractional scales")
     return float(scale)
-
-
-def memory_estimate(pipe, x: torch.Tensor) -> int:
-    """Bytes to free on the device before running (ComfyUI's `free_memory`, as its model upscaler does): the
-    pipeline's weights, if ComfyUI counts them elsewhere, plus one image in, one out, and a working set of
-    ~384 fp32 RGB planes of a 512² tile (the model upscaler's rule of thumb)."""
-    nets = [pipe.model.unet, pipe.model.vae, pipe.model.text_encoder]
-    if isinstance(pipe.extractor, torch.nn.Module):
-        nets.append(pipe.extractor)
-    weights = sum(p.numel() * p.element_size() for n in nets for p in n.parameters())
-    s = pipe.options.scale
-    one = x[0].numel() * 4
-    return int(weights + one * (1 + s * s) + 512 * 512 * 3 * 4 * 384)
 
 
 def run_with_oom_retry(pipe, x: torch.Tensor, prompt: str, empty_cache, progress=None):

@@ -190,6 +190,14 @@ class OSEDiffModel(nn.Module):
                 m.compile(mode=compile_mode)
         return self
 
+    def _apply(self, fn, *args, **kwargs):
+        # `.to()` / `.cuda()` / `.half()` move the cached prompt embeddings with the weights, so a model moved
+        # off a GPU (ComfyUI evicting it) holds no memory there
+        super()._apply(fn, *args, **kwargs)
+        for p, e in self._cache.items():
+            self._cache[p] = fn(e)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.conv_out.weight.dtype if hasattr(self.unet.conv_out, "weight") else next(

@@ -1,6 +1,7 @@
 """Fixtures for the node-pack tests (a module, not a conftest.py, so that the suite's `from conftest import ...`
 keeps finding tests/conftest.py). ComfyUI stand-ins at the boundary the node pack uses (it is not on PyPI): `folder_paths` with a models
-folder under tmp, `comfy.model_management` and `comfy.utils` recording what the nodes call. The pack is then
+folder under tmp, `comfy.model_management` (its memory manager: `load_models_gpu`, `current_loaded_models`,
+eviction), `comfy.model_patcher.ModelPatcher` and `comfy.utils`, recording what the nodes call. The pack is then
 loaded from its folder the way ComfyUI loads a custom node (a package named by its path)."""
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ class Comfy:
 
     def __init__(self, root: Path):
         self.root, self.models = root, root / "models"
-        self.freed: list[tuple[float, torch.device]] = []
+        self.loads: list[dict] = []  # one per load_models_gpu call: patchers, memory_required, force_full_load
+        self.moved_in: list = []  # patchers moved onto the device, in order (a reload appears again)
+        self.evicted: list = []  # patchers moved back to the offload device, in order
+        self.patchers: list = []  # every ModelPatcher made
+        self.device = torch.device("cpu")  # get_torch_device()
+        self.leave_behind = False  # load like ComfyUI's lowvram path: plain nn weights stay where they are
+        self.fp16 = self.bf16 = False  # what should_use_fp16 / should_use_bf16 answer (performance first)
+        self.fp16_cast = False  # should_use_fp16(..., manual_cast=True, prioritize_performance=False)
+        self.precision_asked: list[tuple] = []
         self.bars: list[list[int]] = []  # per ProgressBar: [total, current]
         self.bar_values: list[int] = []  # every value a bar was set to, in order
         self.checks = 0
@@ -71,12 +80,90 @@ def _model_management(c: Comfy) -> types.ModuleType:
     def soft_empty_cache(force=False):
         c.emptied += 1
 
+    class VRAMState:  # ComfyUI's enum, the members the pack reads
+        NORMAL_VRAM, LOW_VRAM, NO_VRAM = "NORMAL_VRAM", "LOW_VRAM", "NO_VRAM"
+
+    class LoadedModel:  # ComfyUI's entry of current_loaded_models: the patcher, and the device it is on
+        def __init__(self, patcher):
+            self.model, self.device = patcher, patcher.load_device
+
+        def model_unload(self):
+            self.model.detach()
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):
+        c.loads.append(dict(models=list(models), memory_required=memory_required, force_full_load=force_full_load))
+        for p in models:
+            if not any(m.model is p for m in mm.current_loaded_models):
+                p.load(p.load_device, full=force_full_load and not c.leave_behind)
+                mm.current_loaded_models.insert(0, LoadedModel(p))
+
+    def free_memory(memory_required, device, keep_loaded=()):
+        # as ComfyUI with no room at all: every model on that device not kept goes
+        gone = [m for m in mm.current_loaded_models if m.device == device and m not in keep_loaded]
+        for m in gone:
+            m.model_unload()
+            mm.current_loaded_models.remove(m)
+        return gone
+
+    def should_use(kind):
+        def ask(device=None, model_params=0, prioritize_performance=True, manual_cast=False):
+            c.precision_asked.append((kind, device, model_params, prioritize_performance, manual_cast))
+            if torch.device(device).type == "cpu":
+                return False
+            if manual_cast and not prioritize_performance and kind == "fp16":
+                return c.fp16_cast or c.fp16
+            return c.fp16 if kind == "fp16" else c.bf16
+        return ask
+
     mm.InterruptProcessingException = InterruptProcessingException
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
-    mm.get_torch_device = lambda: torch.device("cpu")
-    mm.free_memory = lambda required, device, keep_loaded=(): c.freed.append((required, device))
+    mm.get_torch_device = lambda: c.device
+    mm.unet_offload_device = lambda: torch.device("cpu")
+    mm.current_loaded_models = []
+    mm.load_models_gpu, mm.free_memory = load_models_gpu, free_memory
+    mm.unload_all_models = lambda: free_memory(1e30, mm.get_torch_device())  # what POST /free runs
     mm.soft_empty_cache = soft_empty_cache
+    mm.VRAMState = VRAMState
+    mm.should_use_fp16, mm.should_use_bf16 = should_use("fp16"), should_use("bf16")
+    mm.vram_state = VRAMState.NORMAL_VRAM  # --lowvram: LOW_VRAM
     return mm
+
+
+def _model_patcher(c: Comfy) -> types.ModuleType:
+    mp = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:
+        """ComfyUI's bookkeeping on the module it holds (`device` written onto it), its size from the state
+        dict; `load` moves everything, or with `c.leave_behind` only the first half of the layers (a
+        lowvram load leaves plain nn layers behind); `detach` moves it back to the offload device."""
+
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+            self.model.device = offload_device  # ComfyUI does this for a module without a `device` attribute
+            self.model.model_loaded_weight_memory = 0
+            c.patchers.append(self)
+
+        def model_size(self):
+            return sum(t.nelement() * t.element_size() for t in self.model.state_dict().values())
+
+        def load(self, device, full=True):
+            leaves = [m for m in self.model.modules() if next(m.parameters(recurse=False), None) is not None]
+            for m in leaves if full else leaves[:len(leaves) // 2]:
+                m.to(device)
+            self.model.device = device
+            self.model.model_loaded_weight_memory = self.model_size()
+            c.moved_in.append(self)
+
+        def detach(self, unpatch_all=True):
+            self.model.to(self.offload_device)
+            self.model.device = self.offload_device
+            self.model.model_loaded_weight_memory = 0
+            c.evicted.append(self)
+            return self.model
+
+    mp.ModelPatcher = ModelPatcher
+    return mp
 
 
 def _utils(c: Comfy) -> types.ModuleType:
@@ -109,9 +196,10 @@ def comfy(tmp_path, monkeypatch) -> Comfy:
     for env in ("OSEDIFF_BASE", "OSEDIFF_WEIGHTS", "OSEDIFF_RAM", "OSEDIFF_DAPE"):
         monkeypatch.delenv(env, raising=False)
     pkg = types.ModuleType("comfy")
-    pkg.model_management, pkg.utils = _model_management(c), _utils(c)
+    pkg.model_management, pkg.model_patcher, pkg.utils = _model_management(c), _model_patcher(c), _utils(c)
     for name, mod in (("folder_paths", _folder_paths(c)), ("comfy", pkg),
-                      ("comfy.model_management", pkg.model_management), ("comfy.utils", pkg.utils)):
+                      ("comfy.model_management", pkg.model_management), ("comfy.model_patcher", pkg.model_patcher),
+                      ("comfy.utils", pkg.utils)):
         monkeypatch.setitem(sys.modules, name, mod)
     return c
 
@@ -122,7 +210,7 @@ def load_pack(root: Path, monkeypatch) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(name, PACK / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)
-    for sub in ("models", "nodes"):  # dropped again after the test
+    for sub in ("memory", "models", "nodes"):  # dropped again after the test
         monkeypatch.setitem(sys.modules, f"{name}.{sub}", None)
         monkeypatch.delitem(sys.modules, f"{name}.{sub}")
     spec.loader.exec_module(module)

@@ -3,6 +3,8 @@ model (output equal to the Python API's `pipe(tensor)`), and the error paths."""
 
 from __future__ import annotations
 
+import types
+
 import comfy_stubs
 import pytest
 import torch
@@ -104,8 +106,8 @@ def test_upscale_equals_python_api(pack, installed, tiny_sd, tiny_ckpt):
     assert not torch.equal(out[0], out[1])
     assert prompt == ", ,\n, ,"
     assert installed.bars == [[2 * pack.nodes.STEPS, 2 * pack.nodes.STEPS]]
-    assert len(installed.freed) == 1 and installed.freed[0][1] == torch.device("cpu")
-    assert installed.freed[0][0] > sum(p.numel() * 4 for p in model.model.unet.parameters())
+    assert len(installed.loads) == 1 and installed.loads[0]["models"] == [model.model.__dict__["_comfy_patcher"]]
+    assert installed.loads[0]["memory_required"] > 0 and installed.loads[0]["force_full_load"]
 
 
 def test_tags_replace_dapes_and_prompt_is_reported(pack, installed):
@@ -186,18 +188,19 @@ def test_none_tagger_and_half_a_tagger(pack, installed, monkeypatch):
     with pytest.raises(ValueError, match="both"):
         _load(pack, ram="osediff.pkl", dape="none")
     seen = {}
+    pipe = types.SimpleNamespace(model=torch.nn.Linear(2, 2), extractor=None)
 
     def fake(cls, base, weights, **kw):
         seen.update(kw, base=base, weights=weights)
-        return "pipe"
+        return pipe
 
     monkeypatch.setattr(OSEDiffPipeline, "from_pretrained", classmethod(fake))
     (installed.models / "osediff" / "ram.pth").write_bytes(b"r")
     (installed.models / "osediff" / "DAPE.pth").write_bytes(b"d")
-    assert _load(pack, ram="ram.pth", dape="DAPE.pth", dtype="auto") == "pipe"
+    assert _load(pack, ram="ram.pth", dape="DAPE.pth", dtype="auto") is pipe
     assert seen["ram"] == str(installed.models / "osediff" / "ram.pth") and seen["use_dape"] is True
-    assert seen["dtype"] is None  # auto: the pipeline's default for the device
-    assert seen["device"] == "cpu"
+    assert seen["dtype"] == "fp32"  # auto: ComfyUI's choice, which is fp32 on the CPU
+    assert seen["device"] == "cpu"  # the offload device
 
 
 def test_interrupted_run_stops_within_an_image_and_the_bar_follows_the_tiles(pack, installed, monkeypatch):
