@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from osediff.commands import convert, degrade, download, evaluate, sr, train, ui
+from osediff.commands import comfyui, convert, degrade, download, evaluate, sr, train, ui
 
 COMMANDS = {
     "sr": sr,
@@ -19,6 +19,7 @@ COMMANDS = {
     "degrade": degrade,
     "download": download,
     "ui": ui,
+    "comfyui": comfyui,
 }
 
 
