@@ -42,6 +42,15 @@ class Held(nn.Module):
         self.net = net
 
 
+# ComfyUI's log names a model by its class ("Requested to load OSEDiff")
+class OSEDiff(Held):
+    """The OSEDiff generator (SD 2.1's UNet, VAE and text encoder with the LoRA)."""
+
+
+class OSEDiffTagger(Held):
+    """The RAM/DAPE tagger."""
+
+
 # --- modules <-> patchers -------------------------------------------------------------------------------------
 def modules(pipe) -> list[nn.Module]:
     """The modules of an `OSEDiffPipeline` that hold weights: the OSEDiff model and the tagger if it is one."""
@@ -51,7 +60,7 @@ def modules(pipe) -> list[nn.Module]:
     return found
 
 
-def patcher(module: nn.Module):
+def patcher(module: nn.Module, kind: type[Held] = Held):
     """The one `ModelPatcher` of `module` (made on first use, kept on the module so every prompt hands ComfyUI
     the same object, which is how `load_models_gpu` recognises a model it already holds)."""
     import comfy.model_management as mm
@@ -59,14 +68,14 @@ def patcher(module: nn.Module):
 
     p = module.__dict__.get(_PATCHER)
     if p is None:
-        p = comfy.model_patcher.ModelPatcher(Held(module), load_device=mm.get_torch_device(),
+        p = comfy.model_patcher.ModelPatcher(kind(module), load_device=mm.get_torch_device(),
                                              offload_device=mm.unet_offload_device())
         module.__dict__[_PATCHER] = p  # not a submodule: state_dict and .to() never see it
     return p
 
 
 def patchers(pipe) -> list:
-    return [patcher(m) for m in modules(pipe)]
+    return [patcher(m, OSEDiff if m is pipe.model else OSEDiffTagger) for m in modules(pipe)]
 
 
 def load(pipe, memory_required: int) -> torch.device:

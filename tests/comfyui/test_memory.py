@@ -63,6 +63,7 @@ def test_the_model_is_a_model_patcher_that_comfyui_lists(pack, installed):
     pipe = _load(pack)
     [p] = installed.patchers  # made by the loader, once
     assert p.model.net is pipe.model and p.load_device == torch.device("cpu")
+    assert type(p.model).__name__ == "OSEDiff"  # the name in ComfyUI's log: "Requested to load OSEDiff"
     assert p.model_size() == sum(t.numel() * t.element_size() for t in pipe.model.state_dict().values())
     assert _listed(mm) == []  # nothing loaded before a prompt runs
     out, _ = _upscale(pack, pipe.with_options(process_size=16), _image())
@@ -128,6 +129,7 @@ def test_the_tagger_is_managed_the_same_way(pack, installed):
     assert prompt == "cat, ,"
     model_p, tagger_p = installed.patchers
     assert tagger_p.model.net is tagger and installed.loads[-1]["models"] == [model_p, tagger_p]
+    assert type(tagger_p.model).__name__ == "OSEDiffTagger"
     assert set(_listed(mm)) == {model_p, tagger_p}
     mm.unload_all_models()
     assert set(installed.evicted) == {model_p, tagger_p}
