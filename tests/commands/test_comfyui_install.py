@@ -114,3 +114,19 @@ def test_example_workflows_hold_the_nodes_by_their_ids():
     for f in files:
         nodes = json.loads(f.read_text())["nodes"]
         assert {"OSEDiffLoader", "OSEDiffUpscale"} <= {n["type"] for n in nodes}
+
+
+def test_the_packs_registry_metadata_follows_osediff():
+    """comfyui/pyproject.toml (read by ComfyUI and the Registry) names this osediff's version everywhere."""
+    import tomllib
+
+    from osediff import __version__
+
+    meta = tomllib.loads((REPO / "comfyui" / "pyproject.toml").read_text())
+    assert meta["project"]["version"] == __version__
+    assert meta["project"]["dependencies"] == [f"osediff=={__version__}"]
+    assert (REPO / "comfyui" / "requirements.txt").read_text().split() == [f"osediff=={__version__}"]
+    comfy = meta["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"].startswith(">=")
+    assert (REPO / "comfyui" / comfy["Icon"]).is_file()
+    assert "comfyui" not in meta["project"]["name"].lower()  # the Registry's rule for node ids
