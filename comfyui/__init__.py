@@ -1,6 +1,6 @@
-"""OSEDiff nodes for ComfyUI: copy or symlink this folder into ComfyUI's `custom_nodes/` (under any name but
-`osediff`), with `osediff` installed in ComfyUI's Python. Nodes: `OSEDiffLoader`, `OSEDiffUpscale`.
-See the README section "ComfyUI". Tried with ComfyUI 0.3.64 (commit a125cd8, frontend 1.27.10).
+"""OSEDiff nodes for ComfyUI: `osediff comfyui install COMFYUI_DIR` installs osediff into ComfyUI's Python and
+links this folder into its `custom_nodes/` (under any name but `osediff`). Nodes: `OSEDiffLoader`,
+`OSEDiffUpscale`; their models are ComfyUI ModelPatchers (memory.py). See the README section "ComfyUI". Tried with ComfyUI 0.3.64 (commit a125cd8, frontend 1.27.10).
 
 Node API: the classic one (NODE_CLASS_MAPPINGS, INPUT_TYPES/RETURN_TYPES classes), not the newer
 `comfy_api` io schema. Every ComfyUI release loads classic nodes, and 0.3.64 still defines most of its own

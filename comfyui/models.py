@@ -121,7 +121,7 @@ def load_pipeline(base: str, weights: str, ram: str, dape: str, dtype: str, devi
     a second, different OSEDiffLoader replaces it rather than holding two copies of SD 2.1 in memory. A file
     replaced on disk (new mtime) reloads.
     """
-    from osediff.core.pipeline import OSEDiffPipeline
+    from osediff.core.pipeline import DTYPES, OSEDiffPipeline
 
     paths = {k: locate(k, v) for k, v in (("base", base), ("weights", weights), ("ram", ram), ("dape", dape))}
     if (paths["ram"] is None) != (paths["dape"] is None):
@@ -137,9 +137,10 @@ def load_pipeline(base: str, weights: str, ram: str, dape: str, dtype: str, devi
         if not use_dape:
             log.warning("OSEDiff runs without DAPE tags (ram/dape set to none): outputs differ from the published "
                         "ones unless tags are given to the OSEDiffUpscale node")
+        # a torch dtype, not its name: built on the CPU for a GPU, so the CPU's own bf16 advice does not apply
         _cache[key] = OSEDiffPipeline.from_pretrained(
-            paths["base"], paths["weights"], device=device, dtype=dtype, ram=paths["ram"], dape=paths["dape"],
-            use_dape=use_dape)
+            paths["base"], paths["weights"], device=device, dtype=DTYPES[dtype], ram=paths["ram"],
+            dape=paths["dape"], use_dape=use_dape)
     return _cache[key]
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from osediff.core.model import OSEDiffModel
-from osediff.core.pipeline import OSEDiffPipeline
+from osediff.core.pipeline import DTYPES, OSEDiffPipeline
 
 comfy, pack, installed = comfy_stubs.comfy, comfy_stubs.pack, comfy_stubs.installed
 
@@ -170,9 +170,9 @@ def test_auto_dtype_follows_comfyui(pack, installed, monkeypatch, device, fp16, 
     monkeypatch.setattr(OSEDiffPipeline, "from_pretrained",
                         classmethod(lambda cls, base, weights, **kw: seen.update(kw) or pipe))
     assert _load(pack, dtype="auto") is pipe
-    assert seen["dtype"] == want and seen["device"] == "cpu"  # built on the offload device
+    assert seen["dtype"] == DTYPES[want] and seen["device"] == "cpu"  # built on the offload device
     assert all(a[1] == torch.device(device) for a in installed.precision_asked)
-    assert _load(pack, dtype="bf16") is pipe and seen["dtype"] == "bf16"  # an explicit choice is kept
+    assert _load(pack, dtype="bf16") is pipe and seen["dtype"] == torch.bfloat16  # an explicit choice is kept
 
 
 def test_working_memory_grows_with_the_image_and_tiling_bounds_it(pack):

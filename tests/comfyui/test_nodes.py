@@ -199,7 +199,7 @@ def test_none_tagger_and_half_a_tagger(pack, installed, monkeypatch):
     (installed.models / "osediff" / "DAPE.pth").write_bytes(b"d")
     assert _load(pack, ram="ram.pth", dape="DAPE.pth", dtype="auto") is pipe
     assert seen["ram"] == str(installed.models / "osediff" / "ram.pth") and seen["use_dape"] is True
-    assert seen["dtype"] == "fp32"  # auto: ComfyUI's choice, which is fp32 on the CPU
+    assert seen["dtype"] == torch.float32  # auto: ComfyUI's choice, which is fp32 on the CPU
     assert seen["device"] == "cpu"  # the offload device
 
 
