@@ -36,7 +36,8 @@ _STRUCTURE_TAGS = frozenset({254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 2
                              284, 296, 317, 320, 322, 323, 324, 325, 338, 339, 340, 341, 530, 531, 532, 700,
                              33723, 34675})
 _DROPPED_TEXT = ("XML:com.adobe.xmp", "Raw profile type")
-_FORMATS_WITH = {"icc": {"PNG", "JPEG", "WEBP", "TIFF"}, "exif": {"PNG", "JPEG", "WEBP", "TIFF"},
+_FORMATS_WITH = {"icc": {"PNG", "JPEG", "WEBP", "TIFF", "HEIF", "AVIF", "JXL"},
+                 "exif": {"PNG", "JPEG", "WEBP", "TIFF", "HEIF", "AVIF", "JXL"},
                  "dpi": {"PNG", "JPEG", "TIFF"}, "text": {"PNG"}}
 
 
