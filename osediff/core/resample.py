@@ -60,26 +60,25 @@ def pil_bicubic_matrix(in_size: int, out_size: int) -> torch.Tensor:
     return m
 
 
-def _resize_axis(x: torch.Tensor, dim: int, out_size: int, chunk_elements: int = 1 << 23) -> torch.Tensor:
-    """Resample float32 `x` along `dim` (-2 rows, -1 columns): per block of output rows/columns, one gather
-    and multiply-add per tap, written into the result. Work is (output size x K); beyond the input and the
-    result only one block (~`chunk_elements` floats, 32 MB) is held, whatever the image size."""
+def _resize_axis(x: torch.Tensor, dim: int, out_size: int, block: int = 64) -> torch.Tensor:
+    """Resample float32 `x` along `dim` (-2 rows, -1 columns) block by block: `block` output rows (columns)
+    depend only on a narrow band of input rows (columns), so each block is one small dense matmul with the
+    band (BLAS speed) written into the result. Work ~ output size x band width; beyond the input and the
+    result only one block is held, whatever the image size."""
     first, weights = pil_bicubic_taps(x.shape[dim], out_size)
-    first = first.to(x.device)
-    weights = weights.to(device=x.device, dtype=torch.float32)
+    k = weights.shape[1]
     shape = list(x.shape)
     shape[dim] = out_size
     out = torch.empty(shape, dtype=torch.float32, device=x.device)
-    step = max(1, chunk_elements // max(1, x.numel() // x.shape[dim]))
-    view = [1] * x.ndim
-    for s in range(0, out_size, step):
-        e = min(s + step, out_size)
-        view[dim] = e - s
-        acc = None
-        for k in range(weights.shape[1]):
-            tap = x.index_select(dim, first[s:e] + k).mul_(weights[s:e, k].view(view))
-            acc = tap if acc is None else acc.add_(tap)
-        out.narrow(dim, s, e - s).copy_(acc)
+    for s in range(0, out_size, block):
+        e = min(s + block, out_size)
+        lo, hi = int(first[s]), int(first[s:e].max()) + k
+        m = torch.zeros(e - s, hi - lo, dtype=torch.float64)
+        m.scatter_add_(1, first[s:e, None] - lo + torch.arange(k), weights[s:e])
+        m = m.to(device=x.device, dtype=torch.float32)
+        band = x.narrow(dim, lo, hi - lo)
+        y = m @ band if dim == -2 else band @ m.T  # (..., e-s, W) / (..., H, e-s)
+        out.narrow(dim, s, e - s).copy_(y)
     return out
 
 

@@ -124,16 +124,22 @@ _RAW_EXIF_TAGS = frozenset({0x829A, 0x829D, 0x8822, 0x8827, 0x9003, 0x9004, 0x92
 
 
 # --- TIFF deeper than 8 bits -----------------------------------------------------------------------------------
-def read_tiff(path: Path, meta: Metadata, orientation: int):
+def read_tiff(path: Path, meta: Metadata | None, orientation: int, max_megapixels: float = 0):
     """The first page of a 16-bit or float RGB(A)/gray TIFF as a 16-bit Picture (Pillow has no 16-bit RGB):
     uint16 as is, 32-bit integers by their top 16 bits, floats clipped to [0, 1] and scaled to 0..65535;
-    `orientation` (EXIF 1–8, from the TIFF's own tag) applied once."""
+    `orientation` (EXIF 1–8, from the TIFF's own tag) applied once. `meta` None (a TIFF Pillow cannot open):
+    the ICC profile, orientation and IFD0 EXIF are read here."""
     import tifffile
 
-    from osediff.files.images import Picture, orient
+    from osediff.files.images import Picture, orient, refuse_size
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
+        refuse_size(path, page.imagewidth, page.imagelength, max_megapixels)
+        if meta is None:
+            icc = page.tags.get(34675)
+            orientation = int(getattr(page.tags.get(274), "value", 1) or 1)
+            meta = Metadata(icc=bytes(icc.value) if icc else None, exif=_tiff_exif(path))
         a = page.asarray()
         axes = page.axes
     if axes.startswith("S"):  # planar configuration 2: (S, Y, X)
@@ -151,6 +157,27 @@ def read_tiff(path: Path, meta: Metadata, orientation: int):
     gray = color.shape[2] == 1
     rgb = np.repeat(color, 3, axis=2) if gray else color[..., :3]
     return Picture(np.ascontiguousarray(rgb), None if alpha is None else np.ascontiguousarray(alpha), gray, meta)
+
+
+def _tiff_exif(path: Path) -> bytes | None:
+    """The EXIF-type tags of a TIFF's first directory (camera, date, Exif IFD), as EXIF bytes."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            src = Image.Exif()
+            src.load(f.read(1 << 20))
+        e = Image.Exif()
+        for tag in (*_IFD0_TEXT, 0x0112):
+            if tag in src:
+                e[tag] = src[tag]
+        sub = src.get_ifd(EXIF_IFD)
+        if sub:
+            e.get_ifd(EXIF_IFD).update(sub)
+        return e.tobytes() if len(e) else None
+    except Exception as err:  # costs the EXIF, not the picture
+        log.debug("%s: EXIF not read (%s)", path, err)
+        return None
 
 
 def write_tiff16(tmp: str, planes: np.ndarray, meta: Metadata | None, exif: bytes | None) -> None:

@@ -84,6 +84,11 @@ def identify(path: Path) -> str | None:
     return None
 
 
+def pillow_opens(path: Path) -> bool:
+    """Whether Pillow recognises the header of `path` (nothing is decoded)."""
+    return _pillow_recognises(path)
+
+
 def _pillow_recognises(path: Path) -> bool:
     from PIL import Image, UnidentifiedImageError
 

@@ -231,7 +231,7 @@ def read_image(path: str | os.PathLike, max_megapixels: float = DEFAULT_MAX_INPU
     reader is not installed MissingReaderError with the install line; a missing file FileNotFoundError."""
     from PIL import Image, ImageOps
 
-    from osediff.files import extras
+    from osediff.files import extras, formats
     from osediff.files.formats import identify, missing_reader
 
     path = Path(path)
@@ -246,6 +246,11 @@ def read_image(path: str | os.PathLike, max_megapixels: float = DEFAULT_MAX_INPU
             return extras.read_raw(path, max_megapixels)
         if kind in ("heif", "jxl"):
             extras.register(kind)
+        if kind == "tiff" and not formats.pillow_opens(path):  # e.g. float RGB, which Pillow has no mode for
+            missing = missing_reader("tiff16")
+            if missing:
+                raise MissingReaderError(f"cannot read {path}: {missing}")
+            return extras.read_tiff(path, None, 1, max_megapixels)
         with _pixel_limit_off(), Image.open(path) as im:
             refuse_hostile(path, im, max_megapixels)
             frames = getattr(im, "n_frames", 1)
@@ -258,7 +263,7 @@ def read_image(path: str | os.PathLike, max_megapixels: float = DEFAULT_MAX_INPU
                 if missing:
                     raise MissingReaderError(f"cannot read {path} at its depth: {missing}")
                 meta = read_metadata(im)
-                return extras.read_tiff(path, meta, exif_orientation(meta.exif))
+                return extras.read_tiff(path, meta, exif_orientation(meta.exif), max_megapixels)
             im.load()  # decode now (the first frame), so a truncated file fails here with its name
             meta = read_metadata(im)
             if im.format == "PNG" and _png_bit_depth(path) == 16:
