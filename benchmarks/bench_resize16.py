@@ -68,11 +68,16 @@ def one(src: str, bits: int, impl: str, out_size: tuple[int, int], dst: str) -> 
 
         rgb = np.asarray(Image.fromarray(pic.rgb, "RGB").resize(out_size, Image.BICUBIC))
     else:
-        x = torch.from_numpy(pic.rgb).permute(2, 0, 1)[None].float().div_(65535)
+        # the conversions of `OSEDiffPipeline.run_pictures`' 16-bit path, in place like there
+        a = pic.rgb[None].astype(np.float32)
         del pic
-        y = (resize_bicubic if impl == "banded" else dense_resize)(x, (out_size[1], out_size[0]))
-        del x
-        rgb = y[0].clamp_(0, 1).mul_(65535).round_().to(torch.int32).permute(1, 2, 0).numpy().astype(np.uint16)
+        a /= 65535
+        y = (resize_bicubic if impl == "banded" else dense_resize)(torch.from_numpy(a).permute(0, 3, 1, 2),
+                                                                    (out_size[1], out_size[0]))
+        del a
+        y = y.clamp_(0, 1)[0].permute(1, 2, 0).numpy()
+        y *= 65535
+        rgb = np.round(y, out=y).astype(np.uint16)
         del y
     t2 = time.perf_counter()
     write_image(dst, Picture(np.ascontiguousarray(rgb)))

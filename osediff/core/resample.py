@@ -60,7 +60,7 @@ def pil_bicubic_matrix(in_size: int, out_size: int) -> torch.Tensor:
     return m
 
 
-def _resize_axis(x: torch.Tensor, dim: int, out_size: int, block: int = 64) -> torch.Tensor:
+def _resize_axis(x: torch.Tensor, dim: int, out_size: int, block: int = 128) -> torch.Tensor:
     """Resample float32 `x` along `dim` (-2 rows, -1 columns) block by block: `block` output rows (columns)
     depend only on a narrow band of input rows (columns), so each block is one small dense matmul with the
     band (BLAS speed) written into the result. Work ~ output size x band width; beyond the input and the
