@@ -13,6 +13,7 @@ say in one line what to `pip install` for a file it cannot read.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 # camera RAW: LibRaw reads all of these (the issue's list plus Nikon NRW, Sony SRF/SR2, Leica RWL, Epson ERF)
@@ -101,6 +102,7 @@ def _pillow_recognises(path: Path) -> bool:
         return False
 
 
+@lru_cache(maxsize=1)
 def pillow_extensions() -> frozenset[str]:
     """Lower-case suffixes of every format this Pillow opens (plus .png)."""
     from PIL import Image

@@ -4,6 +4,8 @@ A file becomes a `Picture`: RGB pixels as uint8 or uint16 (H, W, 3), an optional
 applied, whether it was grayscale, and its `Metadata` (ICC, EXIF, text, DPI; `osediff.files.metadata`).
 Grayscale, palette, CMYK and the like become RGB for the networks; a grayscale picture is written back as
 grayscale (BT.601 luma). 16-bit PNGs (which Pillow reads as 8-bit) are read with pypng so 16-bit stays 16-bit.
+The format is told by content (`osediff.files.formats`); HEIC, JPEG XL, camera RAW and 16-bit/float TIFF go
+through the optional libraries of `osediff.files.extras` (10/12-bit HEIC and RAW become 16-bit pictures).
 Writes go to a temporary name and are renamed, so an interrupted run never leaves a partial image.
 
 Hostile files are refused from the header, before any pixel is decoded: more than `max_megapixels` pixels,

@@ -13,6 +13,8 @@ What each output format keeps (Pillow's writers; 16-bit PNGs are written by pypn
 | JPEG | APP2 | APP1 | — | JFIF density |
 | WebP | ICCP | EXIF | — | — |
 | TIFF | tag 34675 | IFD0 + Exif IFD tags | — | X/YResolution |
+| TIFF 16-bit (tifffile) | tag 34675 | IFD0 text tags only (`osediff.files.extras.write_tiff16`) | — | X/YResolution |
+| HEIC, AVIF, JPEG XL | colr box (JXL: libjxl's own profile of it) | Exif item/box | — | — |
 | others (GIF, BMP, ...) | — | — | — | — |
 
 XMP and legacy "Raw profile type ..." text (ImageMagick's hex copies of EXIF/IPTC) are not carried: they
