@@ -4,11 +4,11 @@ Nothing is skipped in silence: files that are not pictures are named as ignored,
 exits 2 saying so, and a picture that cannot be read (corrupt, or a format whose optional reader is missing:
 the log line says what to `pip install`) is a failure. Nothing is lost: whatever reading, decoding, processing
 or writing one file raises is that file's failure (named in the log, counted, a non-zero exit status at the
-end) while the rest go on; only a KeyboardInterrupt
-or a lost device (`device_lost`: a CUDA/driver error that leaves the device unusable, or a full / read-only
-disk) ends the run, and `skip_existing` resumes it. Out of memory is the file's failure, not the run's: it
-depends on the image's size, and the next image may fit. Outputs are written atomically, an input is never
-overwritten, and under `accelerate launch` / torchrun each process takes its own share of the inputs.
+end) while the rest go on; only a KeyboardInterrupt or a lost device (`device_lost`: a CUDA/driver error that
+leaves the device unusable, or a full / read-only disk) ends the run, and `skip_existing` resumes it. Out of
+memory is the file's failure, not the run's: it depends on the image's size, and the next image may fit.
+Outputs are written atomically, an input is never overwritten, and under `accelerate launch` / torchrun each
+process takes its own share of the inputs.
 """
 
 from __future__ import annotations

@@ -74,10 +74,10 @@ class Callbacks:
         except Cancelled:
             raise gr.Error("Cancelled.") from None
         skipped = ""
-        if ignored:
-            n = len(ignored)
-            skipped = f"Ignored {n} file{'s' if n != 1 else ''} that {'are not images' if n != 1 else 'is not an image'}: " \
-                      f"{', '.join(ignored)}."
+        if ignored:  # the words of `osediff sr`
+            from osediff.core.batch import ignored_line
+
+            skipped = ignored_line([Path(n) for n in ignored]).capitalize() + "."
         if not results:
             raise gr.Error(" ".join(errors + [skipped]).strip() or "No images among the files.")
         lines = [f"{len(results)} of {len(paths) - len(ignored)} images upscaled." + (f" {skipped}" if skipped else "")]
