@@ -77,7 +77,8 @@ class Callbacks:
         if ignored:  # the words of `osediff sr`
             from osediff.core.batch import ignored_line
 
-            skipped = ignored_line([Path(n) for n in ignored]).capitalize() + "."
+            line = ignored_line([Path(n) for n in ignored])
+            skipped = line[0].upper() + line[1:] + "."
         if not results:
             raise gr.Error(" ".join(errors + [skipped]).strip() or "No images among the files.")
         lines = [f"{len(results)} of {len(paths) - len(ignored)} images upscaled." + (f" {skipped}" if skipped else "")]
