@@ -97,3 +97,13 @@ def test_explicit_ext_writes_that_format(tmp_path, args, ext, bits):
     assert formats.identify(out / f"deep.{ext}") == {"tiff": "tiff", "heic": "heif", "avif": "avif", "jxl": "jxl"}[ext]
     if ext == "heic":  # written at 10 bits: more than 256 levels survive
         assert len(np.unique(pic.rgb >> 6)) > 256
+
+
+def test_dry_run_lists_pictures_and_names_the_rest(tmp_path, capsys):
+    photo_folder(tmp_path / "photos")
+    assert main(["sr", str(tmp_path / "photos"), "-o", str(tmp_path / "out"), "--dry-run", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "phone.jpg" in out and "camera.dng" in out and "# ignored 1 file that is not an image: notes.txt" in out
+    (tmp_path / "none").mkdir()
+    assert main(["sr", str(tmp_path / "none"), "-o", str(tmp_path / "out"), "--dry-run", "--device", "cpu"]) == 2
+    assert "# no images found in" in capsys.readouterr().out
