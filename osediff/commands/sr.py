@@ -33,7 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     add_model_arguments(p)
-    p.add_argument("--ext", default="png", help="output format: png (default), jpg, webp, ..., or auto (= input's)")
+    p.add_argument("--ext", default="png",
+                   help="output format: png (default; 16-bit for deeper sources), jpg, webp, tiff (16-bit), heic "
+                        "(10-bit), avif, jxl, ..., or auto: per input JPEG->jpg, PNG->png, WebP->webp, TIFF->tiff, "
+                        "HEIC/AVIF/JXL->png, RAW->16-bit tiff")
     p.add_argument("--suffix", default="", help="appended to output names: <stem>_<suffix>.<ext>")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists (resume)")
     p.add_argument("--save-prompts", action="store_true", help="write each prompt to OUTDIR/txt/<name>.txt")
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from osediff.config import dataclass_from_args, to_json
-    from osediff.core.batch import collect_inputs, super_resolve_files
+    from osediff.core.batch import ignored_line, scan_inputs, super_resolve_files
     from osediff.core.options import FileOptions, SROptions
     from osediff.weights.locate import MissingWeightsError
 
@@ -80,8 +83,14 @@ def run(args: argparse.Namespace) -> int:
             print(to_json(options))
             print(to_json(files))
             print(_precision_line(args.device, args.dtype))
-            for p in collect_inputs(args.inputs):
+            scan = scan_inputs(args.inputs)
+            for p in scan.images:
                 print(p)
+            if scan.ignored:
+                print(f"# {ignored_line(scan.ignored)}")
+            if not scan.images:
+                print(f"# no images found in {', '.join(args.inputs)}")
+                return 2
             return 0
         return super_resolve_files(args.inputs, args.output, base=args.base, weights=args.weights, dape=args.dape,
                                    ram=args.ram, use_dape=args.use_dape, device=args.device, dtype=args.dtype,

@@ -1,11 +1,14 @@
 """Super-resolving files: inputs (files, folders, globs) -> `OUTDIR/<stem>[_suffix].<ext>`, one at a time.
 
-Nothing is lost: whatever reading, decoding, processing or writing one file raises is that file's failure
-(named in the log, counted, a non-zero exit status at the end) while the rest go on; only a KeyboardInterrupt
-or a lost device (`device_lost`: a CUDA/driver error that leaves the device unusable, or a full / read-only
-disk) ends the run, and `skip_existing` resumes it. Out of memory is the file's failure, not the run's: it
-depends on the image's size, and the next image may fit. Outputs are written atomically, an input is never
-overwritten, and under `accelerate launch` / torchrun each process takes its own share of the inputs.
+Nothing is skipped in silence: files that are not pictures are named as ignored, a run that finds no picture
+exits 2 saying so, and a picture that cannot be read (corrupt, or a format whose optional reader is missing:
+the log line says what to `pip install`) is a failure. Nothing is lost: whatever reading, decoding, processing
+or writing one file raises is that file's failure (named in the log, counted, a non-zero exit status at the
+end) while the rest go on; only a KeyboardInterrupt or a lost device (`device_lost`: a CUDA/driver error that
+leaves the device unusable, or a full / read-only disk) ends the run, and `skip_existing` resumes it. Out of
+memory is the file's failure, not the run's: it depends on the image's size, and the next image may fit.
+Outputs are written atomically, an input is never overwritten, and under `accelerate launch` / torchrun each
+process takes its own share of the inputs.
 """
 
 from __future__ import annotations
@@ -56,29 +59,62 @@ def device_lost(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(k in msg for k in _DEVICE_LOST)
 
 
-def collect_inputs(inputs: list[str]) -> list[Path]:
-    """Expand files, folders (non-recursive, images only, sorted) and glob patterns; keep order, drop repeats.
-    A name that matches nothing raises FileNotFoundError."""
+@dataclass
+class InputScan:
+    """What a set of inputs holds: the pictures to run, in order, and the files that are not pictures
+    (a notes.txt, a .DS_Store), which a run names and leaves alone."""
+
+    images: list[Path] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)
+
+
+def scan_inputs(inputs: list[str]) -> InputScan:
+    """Expand files, folders (non-recursive, sorted) and glob patterns; keep order, drop repeats. Of folders and
+    globs every file is looked at by content (`osediff.files.images.is_image_file`: an HEIC named .jpg counts,
+    a .txt does not); a file named on its own is always tried. A name that matches nothing raises
+    FileNotFoundError."""
     from osediff.files.images import is_image_file
 
-    found: list[Path] = []
+    scan = InputScan()
+
+    def sort_in(files):
+        for f in files:
+            (scan.images if is_image_file(f) else scan.ignored).append(f)
+
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            found += sorted(f for f in p.iterdir() if is_image_file(f))
+            sort_in(sorted(f for f in p.iterdir() if f.is_file()))
         elif p.is_file():
-            found.append(p)
+            scan.images.append(p)
         else:
             matches = sorted(Path(m) for m in glob.glob(str(p)) if Path(m).is_file())
             if not matches:
                 raise FileNotFoundError(f"input not found: {item}")
-            found += matches
-    return list(dict.fromkeys(found))
+            sort_in(matches)
+    scan.images = list(dict.fromkeys(scan.images))
+    scan.ignored = [f for f in dict.fromkeys(scan.ignored) if f not in set(scan.images)]
+    return scan
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    """The pictures among `inputs` (`scan_inputs(...).images`)."""
+    return scan_inputs(inputs).images
+
+
+def ignored_line(ignored: list[Path], limit: int = 10) -> str:
+    """"ignored 2 files that are not images: notes.txt, .DS_Store" (the first `limit` names)."""
+    names = ", ".join(f.name for f in ignored[:limit]) + (", ..." if len(ignored) > limit else "")
+    return f"ignored {len(ignored)} file{'s' if len(ignored) != 1 else ''} that {'are' if len(ignored) != 1 else 'is'} " \
+           f"not {'images' if len(ignored) != 1 else 'an image'}: {names}"
 
 
 def output_path(src: Path, output_dir: Path, ext: str = "png", suffix: str = "") -> Path:
-    """`output_dir/<stem>[_suffix].<ext>`; ext "auto" keeps the input's extension."""
-    e = src.suffix.lstrip(".") if ext == "auto" else ext.lstrip(".")
+    """`output_dir/<stem>[_suffix].<ext>`; ext "auto" picks by the input's content
+    (`osediff.files.formats.auto_extension`: JPEG->jpg, TIFF->tiff, HEIC/AVIF/JXL->png, RAW->tiff, ...)."""
+    from osediff.files.formats import auto_extension
+
+    e = auto_extension(src) if ext == "auto" else ext.lstrip(".")
     return output_dir / f"{src.stem}{'_' + suffix if suffix else ''}.{e}"
 
 
@@ -234,7 +270,13 @@ def super_resolve_files(inputs: list[str], output_dir: str, *, base: str | None,
     from osediff.core.options import SROptions
     from osediff.core.pipeline import OSEDiffPipeline
 
-    paths = collect_inputs(inputs)
+    scan = scan_inputs(inputs)
+    if scan.ignored:
+        log.warning("%s", ignored_line(scan.ignored))
+    if not scan.images:
+        log.error("no images found in %s", ", ".join(inputs))
+        return 2
+    paths = scan.images
     if device is None and int(os.environ.get("WORLD_SIZE", 1)) > 1 and "LOCAL_RANK" in os.environ:
         import torch
 
@@ -256,6 +298,7 @@ def super_resolve_files(inputs: list[str], output_dir: str, *, base: str | None,
         log.error("%s", e)
         return 3
     rerun = f", {res.reruns} rerun in fp32 after non-finite values" if res.reruns else ""
-    log.info("%d written, %d skipped (existing), %d failed%s -> %s", len(res.done), len(res.skipped),
-             len(res.failed), rerun, output_dir)
+    ignored = f"; {ignored_line(scan.ignored, 3)}" if scan.ignored else ""
+    log.info("%d written, %d skipped (existing), %d failed%s -> %s%s", len(res.done), len(res.skipped),
+             len(res.failed), rerun, output_dir, ignored)
     return res.exit_code

@@ -26,29 +26,73 @@ def _bicubic(x: float, a: float = -0.5) -> float:
 
 
 @lru_cache(maxsize=64)
-def pil_bicubic_matrix(in_size: int, out_size: int) -> torch.Tensor:
-    """(out_size, in_size) float64 matrix M with out = M @ in, equal to PIL's BICUBIC resample along one axis."""
+def pil_bicubic_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL's BICUBIC resample along one axis as taps: (first (out_size,) int64, weights (out_size, K) float64)
+    with out[i] = sum_k weights[i, k] * in[first[i] + k]; K = the widest support, padded with zero weights
+    (their indices stay inside the input). O(out_size * K) memory instead of a dense out x in matrix."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)  # >1 widens the kernel when downscaling (antialias)
     support = 2.0 * filterscale
-    m = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = []
     for i in range(out_size):
         center = (i + 0.5) * scale
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), in_size)
         w = [_bicubic((j - center + 0.5) / filterscale) for j in range(lo, hi)]
         total = sum(w)
-        for j, wj in zip(range(lo, hi), w):
-            m[i, j] = wj / total if total else 0.0
+        rows.append((lo, [wj / total if total else 0.0 for wj in w]))
+    k = max(len(w) for _, w in rows)
+    first = torch.tensor([min(lo, in_size - k) for lo, _ in rows], dtype=torch.int64)  # keep padded taps inside
+    weights = torch.zeros(out_size, k, dtype=torch.float64)
+    for i, (lo, w) in enumerate(rows):
+        off = lo - int(first[i])
+        weights[i, off:off + len(w)] = torch.tensor(w, dtype=torch.float64)
+    return first, weights
+
+
+def pil_bicubic_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """(out_size, in_size) float64 matrix M with out = M @ in, equal to PIL's BICUBIC resample along one axis
+    (the dense form of `pil_bicubic_taps`, for small sizes and tests)."""
+    first, weights = pil_bicubic_taps(in_size, out_size)
+    m = torch.zeros(out_size, in_size, dtype=torch.float64)
+    cols = first[:, None] + torch.arange(weights.shape[1])
+    m.scatter_add_(1, cols, weights)
     return m
 
 
+def _resize_axis(x: torch.Tensor, dim: int, out_size: int, block: int = 128) -> torch.Tensor:
+    """Resample float32 `x` along `dim` (-2 rows, -1 columns) block by block: `block` output rows (columns)
+    depend only on a narrow band of input rows (columns), so each block is one small dense matmul with the
+    band (BLAS speed) written into the result. Work ~ output size x band width; beyond the input and the
+    result only one block is held, whatever the image size."""
+    first, weights = pil_bicubic_taps(x.shape[dim], out_size)
+    k = weights.shape[1]
+    shape = list(x.shape)
+    shape[dim] = out_size
+    out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    for s in range(0, out_size, block):
+        e = min(s + block, out_size)
+        lo, hi = int(first[s]), int(first[s:e].max()) + k
+        m = torch.zeros(e - s, hi - lo, dtype=torch.float64)
+        m.scatter_add_(1, first[s:e, None] - lo + torch.arange(k), weights[s:e])
+        m = m.to(device=x.device, dtype=torch.float32)
+        band = x.narrow(dim, lo, hi - lo)
+        y = m @ band if dim == -2 else band @ m.T  # (..., e-s, W) / (..., H, e-s)
+        out.narrow(dim, s, e - s).copy_(y)
+    return out
+
+
 def resize_bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """PIL-BICUBIC resize of (B, C, H, W) float to (B, C, *size) with size = (height, width); no clamping."""
+    """PIL-BICUBIC resize of (B, C, H, W) float to (B, C, *size) with size = (height, width); no clamping.
+    Rows first, then columns, in float32: the dense `M_y @ x @ M_x^T` of `pil_bicubic_matrix` up to float
+    rounding, but linear in the image size (a 24-megapixel picture needs no 24000 x 6000 matrix)."""
     h, w = x.shape[-2:]
-    my = pil_bicubic_matrix(h, size[0]).to(device=x.device, dtype=torch.float32)
-    mx = pil_bicubic_matrix(w, size[1]).to(device=x.device, dtype=torch.float32)
-    return (my @ x.float() @ mx.T).to(x.dtype)
+    y = x.float()
+    if size[0] != h:
+        y = _resize_axis(y, -2, size[0])
+    if size[1] != w:
+        y = _resize_axis(y, -1, size[1])
+    return (y.clone() if y is x else y).to(x.dtype)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -13,6 +13,8 @@ What each output format keeps (Pillow's writers; 16-bit PNGs are written by pypn
 | JPEG | APP2 | APP1 | — | JFIF density |
 | WebP | ICCP | EXIF | — | — |
 | TIFF | tag 34675 | IFD0 + Exif IFD tags | — | X/YResolution |
+| TIFF 16-bit (tifffile) | tag 34675 | IFD0 text tags only (`osediff.files.extras.write_tiff16`) | — | X/YResolution |
+| HEIC, AVIF, JPEG XL | colr box (JXL: libjxl's own profile of it) | Exif item/box | — | — |
 | others (GIF, BMP, ...) | — | — | — | — |
 
 XMP and legacy "Raw profile type ..." text (ImageMagick's hex copies of EXIF/IPTC) are not carried: they
@@ -36,7 +38,8 @@ _STRUCTURE_TAGS = frozenset({254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 2
                              284, 296, 317, 320, 322, 323, 324, 325, 338, 339, 340, 341, 530, 531, 532, 700,
                              33723, 34675})
 _DROPPED_TEXT = ("XML:com.adobe.xmp", "Raw profile type")
-_FORMATS_WITH = {"icc": {"PNG", "JPEG", "WEBP", "TIFF"}, "exif": {"PNG", "JPEG", "WEBP", "TIFF"},
+_FORMATS_WITH = {"icc": {"PNG", "JPEG", "WEBP", "TIFF", "HEIF", "AVIF", "JXL"},
+                 "exif": {"PNG", "JPEG", "WEBP", "TIFF", "HEIF", "AVIF", "JXL"},
                  "dpi": {"PNG", "JPEG", "TIFF"}, "text": {"PNG"}}
 
 

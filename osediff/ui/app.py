@@ -17,7 +17,8 @@ from osediff.ui.jobs import Cancelled, JobError, JobOptions, JobResult, Runner
 log = logging.getLogger(__name__)
 
 INTRO = """# OSEDiff: one-step diffusion super-resolution
-Drop, paste or upload a photo and press **Upscale**. The DAPE tags steer the model: edit them and press
+Drop, paste or upload a photo (JPEG, PNG, WebP, AVIF; HEIC, JPEG XL, camera RAW and 16-bit TIFF with
+`osediff[formats]`) and press **Upscale**. The DAPE tags steer the model: edit them and press
 **Upscale** again. The download is the exact lossless PNG (16-bit when the input was, alpha kept).
 Inputs up to **{mp:g} megapixels** and **{mb:g} MB**."""
 
@@ -68,12 +69,20 @@ class Callbacks:
             raise gr.Error("No files: upload one or more images first.")
         options = job_options(scale, color_fix, prompt, "", tile, overlap, enc, dec, seed, sample)
         try:
-            results, errors, archive = self.runner.run_many([upload_path(p) for p in paths], options, _reporter(progress), _session(request))
+            results, errors, archive, ignored = self.runner.run_many(
+                [upload_path(p) for p in paths], options, _reporter(progress), _session(request))
         except Cancelled:
             raise gr.Error("Cancelled.") from None
+        skipped = ""
+        if ignored:  # the words of `osediff sr`
+            from osediff.core.batch import ignored_line
+
+            line = ignored_line([Path(n) for n in ignored])
+            skipped = line[0].upper() + line[1:] + "."
         if not results:
-            raise gr.Error(" ".join(errors))
-        lines = [f"{len(results)} of {len(paths)} images upscaled."] + [f"- {e}" for e in errors]
+            raise gr.Error(" ".join(errors + [skipped]).strip() or "No images among the files.")
+        lines = [f"{len(results)} of {len(paths) - len(ignored)} images upscaled." + (f" {skipped}" if skipped else "")]
+        lines += [f"- {e}" for e in errors]
         gallery = [(str(r.output), f"{r.output.name}: {r.tags}") for r in results]
         return gallery, str(archive), "\n".join(lines)
 
@@ -105,6 +114,10 @@ def build_app(runner: Runner, *, examples: list[str] | None = None, notice: str 
     def cancel(request: gr.Request):
         cb.cancel(request)
 
+    def show_developed(value):
+        developed = runner.preview(upload_path(value))
+        return gr.update(value=None if developed is None else str(developed), visible=developed is not None)
+
     with gr.Blocks(title="osediff") as app:
         gr.Markdown(INTRO.format(mp=runner.max_megapixels, mb=max_file_mb))
         if notice:
@@ -127,6 +140,8 @@ def build_app(runner: Runner, *, examples: list[str] | None = None, notice: str 
                 with gr.Column():
                     image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                      label="Input", elem_id="input-image")
+                    developed = gr.Image(label="Developed (your browser cannot show this format itself)",
+                                         visible=False, interactive=False, elem_id="developed", format="png")
                     tags = gr.Textbox(label="Tags (empty: DAPE reads them; edit and Upscale again to steer)",
                                       elem_id="tags")
                     with gr.Row():
@@ -140,7 +155,9 @@ def build_app(runner: Runner, *, examples: list[str] | None = None, notice: str 
             if examples:
                 gr.Examples([[e] for e in examples], inputs=[image], label="Examples (RealSR)")
         with gr.Tab("Several images"):
-            files = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="input-files")
+            # any file: what is not a picture is named as ignored, as `osediff sr` does with a folder
+            files = gr.File(file_count="multiple", label="Images (any format osediff reads: HEIC, RAW, TIFF...)",
+                            elem_id="input-files")
             with gr.Row():
                 go_many = gr.Button("Upscale all", variant="primary", elem_id="upscale-all")
                 stop_many = gr.Button("Cancel", elem_id="cancel-all")
@@ -149,6 +166,7 @@ def build_app(runner: Runner, *, examples: list[str] | None = None, notice: str 
             many_info = gr.Markdown(elem_id="many-info")
 
         image.change(lambda _: "", inputs=[image], outputs=[tags], queue=False)  # a new image: its own tags
+        image.change(show_developed, inputs=[image], outputs=[developed], queue=False, preprocess=False)
         # both buttons share one queue of one: a job at a time on the device, later ones see their place
         run = go.click(upscale, inputs=[image, tags, *controls], outputs=[slider, download, tags, info],
                        concurrency_id="device", concurrency_limit=1, preprocess=False)

@@ -26,6 +26,10 @@ STAGE_LABEL = {"read": "reading the image", "tags": "reading tags (DAPE)", "enco
                "unet": "UNet", "decode": "VAE decode", "color_fix": "colour fix"}
 
 
+# formats a browser's <img> cannot show: the page shows the developed picture beside the upload
+BROWSER_CANNOT_SHOW = frozenset({"heif", "raw", "jxl", "tiff"})
+
+
 class JobError(ValueError):
     """A problem with the user's input, said in one line for the page."""
 
@@ -88,7 +92,7 @@ class Runner:
         by the reader `osediff sr` uses (`read_image`), before any pixel is decoded."""
         from PIL import UnidentifiedImageError
 
-        from osediff.files.images import ImageReadError, TooManyPixelsError, read_image
+        from osediff.files.images import ImageReadError, MissingReaderError, TooManyPixelsError, read_image
 
         if path is None:
             raise JobError("No image: upload, drop or paste one first.")
@@ -101,10 +105,36 @@ class Runner:
             (w, h) = e.size
             raise JobError(f"{path.name} is {w}×{h} ({w * h / 1e6:.1f} megapixels); this page takes at most "
                            f"{self.max_megapixels:g} megapixels (osediff ui --max-megapixels).") from e
+        except MissingReaderError as e:  # say what to install, as `osediff sr` does
+            raise JobError(str(e).replace(f"cannot read {path}: ", f"{path.name}: ")) from e
         except ImageReadError as e:
             if isinstance(e.__cause__, UnidentifiedImageError):
                 raise JobError(f"{path.name} is not an image this page can read.") from e
             raise JobError(f"{path.name} is damaged and cannot be decoded.") from e
+
+    def preview(self, path: str | os.PathLike | None, long_side: int = 1024) -> Path | None:
+        """For an upload the browser cannot show (HEIC, camera RAW, JPEG XL, TIFF): the developed picture as an
+        8-bit PNG (long side at most `long_side`) in Gradio's temporary folder; None for formats browsers show
+        themselves, and for files that cannot be read (Upscale then says why)."""
+        from PIL import Image
+
+        from osediff.files.formats import identify
+        from osediff.files.images import Picture, to_pil
+
+        if path is None or not Path(path).is_file() or identify(Path(path)) not in BROWSER_CANNOT_SHOW:
+            return None
+        try:
+            pic = self.check(path)
+        except JobError:
+            return None
+        if pic.bits == 16:
+            pic = Picture((pic.rgb >> 8).astype("uint8"), None if pic.alpha is None else (pic.alpha >> 8).astype("uint8"))
+        im = to_pil(Picture(pic.rgb, pic.alpha, pic.gray))
+        im.thumbnail((long_side, long_side), Image.BICUBIC)
+        folder = Path(tempfile.mkdtemp(prefix="osediff-preview-", dir=_ensure(gradio_temp_dir())))
+        out = folder / f"{Path(path).stem}_developed.png"
+        im.save(out)
+        return out
 
     def run(self, path, options: JobOptions = JobOptions(), progress: Callable[[float, str], None] | None = None,
             session: str | None = None) -> JobResult:
@@ -162,10 +192,15 @@ class Runner:
 
     def run_many(self, paths: list, options: JobOptions = JobOptions(),
                  progress: Callable[[float, str], None] | None = None, session: str | None = None,
-                 ) -> tuple[list[JobResult], list[str], Path | None]:
+                 ) -> tuple[list[JobResult], list[str], Path | None, list[str]]:
         """Several uploads, each with DAPE's own tags: (results, one error line per failed file, a zip of the
-        results or None). A bad file costs only itself."""
+        results or None, the names of files that are not pictures). The rules of `osediff sr`: what is not a
+        picture at all (a notes.txt) is ignored and named; a picture that cannot be read costs only itself."""
+        from osediff.files.images import is_image_file
+
         results, errors = [], []
+        ignored = [Path(p).name for p in paths if p is not None and not is_image_file(Path(p))]
+        paths = [p for p in paths if p is not None and is_image_file(Path(p))]
         say = progress or (lambda fraction, label: None)
         for i, path in enumerate(paths):
             def sub(fraction: float, label: str, i=i) -> None:
@@ -176,7 +211,7 @@ class Runner:
             except JobError as e:
                 errors.append(str(e))
         if not results:
-            return results, errors, None
+            return results, errors, None, ignored
         archive = results[0].output.parent / "osediff_results.zip"
         with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as z:  # PNGs are compressed already
             names = set()
@@ -186,7 +221,7 @@ class Runner:
                     name = "_" + name
                 names.add(name)
                 z.write(r.output, name)
-        return results, errors, archive
+        return results, errors, archive, ignored
 
 
 def _ensure(folder: Path) -> Path:

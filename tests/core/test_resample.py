@@ -71,3 +71,54 @@ def test_fractional_scales_plan_a_guard_too():
     p = plan_sizes(50, 80, output_size(50, 80, 2.5), 512)  # threshold 512 // 2.5 = 204
     assert p.guard == (204, int(204 / 50 * 80)) and p.out == (125, 200)
     assert p.up == (510, round(2.5 * p.guard[1]))
+
+
+def _dense_reference(in_size, out_size):
+    """The dense float64 matrix the 16-bit path multiplied with before it took taps (kept here as the oracle)."""
+    import math
+
+    def cubic(x, a=-0.5):
+        x = abs(x)
+        return ((a + 2) * x - (a + 3)) * x * x + 1 if x < 1 else ((((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0)
+
+    scale = in_size / out_size
+    fs = max(scale, 1.0)
+    m = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        c = (i + 0.5) * scale
+        lo, hi = max(int(c - 2 * fs + 0.5), 0), min(int(c + 2 * fs + 0.5), in_size)
+        w = [cubic((j - c + 0.5) / fs) for j in range(lo, hi)]
+        for j, wj in zip(range(lo, hi), w):
+            m[i, j] = wj / math.fsum(w) if sum(w) else 0.0
+    return m
+
+
+@pytest.mark.parametrize("n,m", [(7, 28), (28, 7), (13, 5), (5, 13), (1, 4), (4, 1), (64, 64), (100, 37), (3, 300)])
+def test_taps_are_the_dense_matrix(n, m):
+    from osediff.core.resample import pil_bicubic_matrix
+
+    assert torch.allclose(pil_bicubic_matrix(n, m), _dense_reference(n, m), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("size,out", [((12, 20), (48, 80)), ((48, 80), (17, 23)), ((9, 31), (31, 9)),
+                                      ((16, 16), (16, 40)), ((5, 7), (5, 7))])
+def test_banded_resize_equals_the_dense_product(size, out):
+    """The 16-bit/tensor path: taps give what `M_y @ x @ M_x^T` (float32, as before) gave, to float rounding."""
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    my = _dense_reference(size[0], out[0]).float()
+    mx = _dense_reference(size[1], out[1]).float()
+    dense = my @ x @ mx.T
+    got = resize_bicubic(x, out)
+    assert got.shape == dense.shape and got.dtype == x.dtype
+    assert (got - dense).abs().max() < 2e-6
+
+
+def test_the_block_size_changes_only_rounding():
+    """Blocks of output rows/columns are a way to order the work, not a different resample."""
+    from osediff.core.resample import _resize_axis
+
+    x = torch.rand(1, 3, 40, 30, generator=torch.Generator().manual_seed(1))
+    for dim, n in ((-2, 97), (-1, 11), (-1, 64)):
+        dense = _resize_axis(x, dim, n, block=10**6)  # one block: the whole dense matrix
+        for b in (1, 3, 7):
+            assert (_resize_axis(x, dim, n, block=b) - dense).abs().max() < 1e-6

@@ -1,6 +1,8 @@
 """Metadata round trips: ICC bytes, EXIF (orientation reset, dimensions updated), PNG text and DPI, into every
 format that can hold them, including our 16-bit PNG writer."""
 
+import functools
+
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
@@ -12,7 +14,9 @@ MAKE, MODEL, DATETIME, ORIENTATION, GPS, EXIF_IFD, PIXEL_X, PIXEL_Y = (0x010F, 0
                                                                        0x8769, 0xA002, 0xA003)
 
 
+@functools.lru_cache(maxsize=1)
 def _icc() -> bytes:
+    """One profile per session: LittleCMS stamps each new one with the current time (a second apart, two differ)."""
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
@@ -104,3 +108,34 @@ def test_broken_exif_costs_the_exif_not_the_photo(tmp_path, caplog):
     pic = Picture(np.zeros((4, 4, 3), np.uint8), meta=Metadata(exif=b"Exif\x00\x00MM\x00*garbage"))
     write_image(tmp_path / "o.png", pic)
     assert read_image(tmp_path / "o.png").size == (4, 4)
+
+
+@pytest.mark.parametrize("ext,bits", [(".heic", 8), (".heic", 16), (".avif", 8), (".jxl", 8), (".tiff", 16)])
+def test_metadata_rows_of_the_optional_formats(tmp_path, ext, bits):
+    """README's metadata table, one row per new writer: what a ×4 result written as `ext` keeps."""
+    import io
+
+    from PIL import ImageCms
+
+    pic = read_image(_photo(tmp_path))
+    rgb = np.repeat(np.repeat(pic.rgb, 4, 0), 4, 1)
+    rgb = rgb.astype(np.uint16) * 257 if bits == 16 else rgb
+    write_image(tmp_path / f"out{ext}", Picture(rgb, meta=pic.meta))
+    back = read_image(tmp_path / f"out{ext}")
+    assert back.size == (40, 80) and back.bits == bits  # upright, not rotated a second time; depth kept
+    if ext == ".jxl":  # libjxl stores the colour space and hands back its own profile of it
+        desc = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(back.meta.icc)))
+        assert "srgb" in desc.lower().replace(" ", "").replace("-", "")
+    else:
+        assert back.meta.icc == pic.meta.icc  # byte for byte
+    e = Image.Exif()
+    e.load(back.meta.exif)
+    assert (e[MAKE], e[MODEL], e[DATETIME]) == ("Canon", "EOS R5", "2024:05:01 12:34:56")
+    assert e.get(ORIENTATION, 1) == 1
+    if ext == ".tiff":  # tifffile writes IFD0 tags only: no Exif/GPS sub-directories; DPI in the TIFF fields
+        assert EXIF_IFD not in e and GPS not in e
+        assert back.meta.dpi == (300.0, 300.0)
+    else:
+        assert (e.get_ifd(EXIF_IFD)[PIXEL_X], e.get_ifd(EXIF_IFD)[PIXEL_Y]) == (40, 80)
+        assert e.get_ifd(GPS)[2] == (48.0, 51.0, 29.0)
+        assert back.meta.dpi is None

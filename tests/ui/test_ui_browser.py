@@ -221,3 +221,31 @@ def test_a_second_job_waits_in_the_queue_and_cancel_frees_the_device(page, tmp_p
         driver.switch_to.window(first)
     finally:
         slow.clear()
+
+
+def _developed_size(driver):
+    """(naturalWidth, naturalHeight) of the developed picture the page shows beside an HEIC/RAW upload."""
+    return driver.execute_script(
+        "const im = document.querySelector('#developed img');"
+        "return im && im.complete && im.naturalWidth ? [im.naturalWidth, im.naturalHeight] : null;")
+
+
+def test_heic_and_raw_uploads_show_the_developed_picture_and_upscale(page, tmp_path):
+    """Browsers show neither HEIC nor RAW: the page shows what the reader developed, and Upscale works."""
+    from selenium.webdriver.common.by import By
+
+    from osediff.files.samples import photo_folder
+
+    driver, url, seen, tmp, _, _ = page
+    src = photo_folder(tmp_path / "photos")
+    for name, shown, out in (("phone.jpg", [16, 24], [64, 96]), ("camera.dng", [48, 32], [192, 128])):
+        driver.get(url)
+        _wait(lambda: driver.find_element(By.ID, "upscale").is_displayed(), what="the Upscale button")
+        _upload(driver, src[name])
+        assert _wait(lambda: _developed_size(driver), 60, f"the developed {name}") == shown
+        n = len(seen)
+        driver.find_element(By.ID, "upscale").click()
+        _wait(lambda n=n: len(seen) > n and "Output" in _info(driver), what=f"the result of {name}")
+        assert _wait(lambda: _result_size(driver), 30, "the result image") == out
+        assert f"{'16' if name == 'camera.dng' else '8'}-bit PNG" in _info(driver)  # RAW: 16 bits kept
+    driver.save_screenshot(str(tmp / "raw.png"))

@@ -147,7 +147,7 @@ def test_several_files_give_a_gallery_and_a_zip_and_a_bad_one_costs_only_itself(
     bad.write_text("junk")
     gallery, archive, summary = Callbacks(Runner(spy_pipe)).upscale_many(
         [str(a), str(bad), str(b)], 4, "adain", "", 96, 32, 1024, 224, -1, False)
-    assert len(gallery) == 2 and "2 of 3" in summary and "bad.jpg" in summary
+    assert len(gallery) == 2 and "2 of 3" in summary and "bad.jpg" in summary and "Ignored" not in summary
     with zipfile.ZipFile(archive) as z:
         assert sorted(z.namelist()) == ["a_osediff.png", "b_osediff.png"]
         with z.open("a_osediff.png") as f:
@@ -193,3 +193,47 @@ def test_osediff_ui_loads_once_and_launches_on_localhost(tiny_sd, tiny_ckpt, mon
                  "--dtype", "fp32", "--max-file-mb", "7"]) == 0
     assert launched == [dict(server_name="127.0.0.1", server_port=7860, share=False, max_file_size="7mb",
                              allowed_paths=launched[0]["allowed_paths"])]
+
+
+def test_heic_and_raw_uploads_are_developed_and_upscaled(spy_pipe, tmp_path, gradio_tmp):
+    from osediff.files.samples import photo_folder
+
+    src = photo_folder(tmp_path / "photos")
+    runner = Runner(spy_pipe)
+    r = runner.run(src["phone.jpg"])  # an HEIC named .jpg, orientation 6
+    assert r.size == (64, 96) and r.bits == 8 and Image.open(r.before).size == (64, 96)
+    r = runner.run(src["camera.dng"])
+    assert r.size == (192, 128) and r.bits == 16
+    for name, size in (("phone.jpg", (16, 24)), ("camera.dng", (48, 32)), ("scan.tif", (24, 16))):
+        shown = runner.preview(src[name])  # what the page shows, since the browser cannot
+        assert shown.suffix == ".png" and Image.open(shown).size == size
+    assert runner.preview(src["web.avif"]) is None  # browsers show AVIF themselves
+
+
+def test_several_files_follow_the_ignore_and_fail_rules(spy_pipe, tmp_path):
+    from osediff.files.samples import photo_folder
+
+    src = photo_folder(tmp_path / "photos")
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("junk")
+    gallery, archive, summary = Callbacks(Runner(spy_pipe)).upscale_many(
+        [str(src["phone.jpg"]), str(src["notes.txt"]), str(bad), str(src["camera.dng"])],
+        4, "adain", "", 96, 32, 1024, 224, -1, False)
+    assert "2 of 3 images upscaled" in summary and "Ignored 1 file that is not an image: notes.txt" in summary
+    assert "bad.jpg" in summary
+    with zipfile.ZipFile(archive) as z:
+        assert sorted(z.namelist()) == ["camera_osediff.png", "phone_osediff.png"]
+    with pytest.raises(gr.Error, match="notes.txt"):
+        Callbacks(Runner(spy_pipe)).upscale_many([str(src["notes.txt"])], 4, "adain", "", 96, 32, 1024, 224, -1,
+                                                 False)
+
+
+def test_a_missing_reader_is_named_on_the_page(spy_pipe, tmp_path, monkeypatch):
+    from osediff.files import formats
+    from osediff.files.samples import sample_rgb, write_heic
+
+    path = write_heic(tmp_path / "phone.heic", sample_rgb(16, 12))
+    real = formats.has_module
+    monkeypatch.setattr(formats, "has_module", lambda name: name != "pillow_heif" and real(name))
+    with pytest.raises(JobError, match=r'^phone\.heic: reading HEIF needs pillow_heif: pip install "osediff\[heic\]"$'):
+        Runner(spy_pipe).run(path)
