@@ -43,21 +43,26 @@ _ENC_PAD, _DEC_PAD = 32, 11
 
 
 def load_base(base: str, dtype: torch.dtype = torch.float32, weights: OSEDiffWeights | None = None):
-    """(unet, vae, text_encoder, tokenizer) of SD 2.1-base from a diffusers folder or hub id, on the CPU in
-    `dtype`, with `weights`' LoRA merged in (spec §3.3) when given; the caller moves them to their device.
+    """(unet, vae, text_encoder, tokenizer) of SD 2.1-base from a diffusers folder, a hub id or a single-file
+    checkpoint (A1111/ComfyUI `.safetensors`/`.ckpt`, `osediff.weights.ldm`), on the CPU in `dtype`, with
+    `weights`' LoRA merged in (spec §3.3) when given; the caller moves them to their device.
 
-    Low memory: from a local folder with one .safetensors file per module, each module is built empty (meta
-    parameters) and filled tensor by tensor (read, LoRA merged in fp32, cast to `dtype`), so the fp32 model
-    never exists and a bf16 load peaks near the bf16 model's size. The values are those of merging an fp32
-    model and casting it afterwards. Anything else (hub ids, sharded or .bin files, legacy key names) takes
-    the libraries' loaders in fp32, the same merge, then the cast.
+    Low memory: from a single file, or a local folder with one .safetensors file per module, each module is
+    built empty (meta parameters) and filled tensor by tensor (read, LoRA merged in fp32, cast to `dtype`), so
+    the fp32 model never exists and a bf16 load peaks near the bf16 model's size. The values are those of
+    merging an fp32 model and casting it afterwards. Anything else (hub ids, sharded or .bin files, legacy key
+    names) takes the libraries' loaders in fp32, the same merge, then the cast.
     """
+    from pathlib import Path
+
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from osediff.weights.locate import MissingWeightsError, missing_message
 
     unet_edits, vae_edits = merge_edits(weights) if weights is not None else ({}, {})
+    if Path(base).is_file():
+        return _load_single_file(base, dtype, unet_edits, vae_edits)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
         # eager attention: the reference's transformers 4.28 computed CLIP attention explicitly, and SDPA (the
@@ -65,20 +70,45 @@ def load_base(base: str, dtype: torch.dtype = torch.float32, weights: OSEDiffWei
         text_encoder = _load_module(
             base, "text_encoder", dtype, {},
             lambda d: CLIPTextModel(CLIPTextConfig.from_pretrained(d, attn_implementation="eager")),
-            lambda: CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch.float32,
-                                                  attn_implementation="eager"))
+            lambda v: CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch.float32,
+                                                    attn_implementation="eager", variant=v))
         unet = _load_module(base, "unet", dtype, unet_edits,
                             lambda d: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(d)),
-                            lambda: UNet2DConditionModel.from_pretrained(base, subfolder="unet",
-                                                                         torch_dtype=torch.float32))
+                            lambda v: UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=v,
+                                                                           torch_dtype=torch.float32))
         vae = _load_module(base, "vae", dtype, vae_edits,
                            lambda d: AutoencoderKL.from_config(AutoencoderKL.load_config(d)),
-                           lambda: AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32))
+                           lambda v: AutoencoderKL.from_pretrained(base, subfolder="vae", variant=v,
+                                                                   torch_dtype=torch.float32))
     except OSError as e:
         raise MissingWeightsError(f"{missing_message('base', base)}\n  ({type(e).__name__}: {e})") from e
     if unet.config.sample_size == 96:  # 96 latent px = 768 image px: SD 2.1 (v-prediction), OSEDiff issue #65
         log.warning("%s looks like SD 2.1 (768, v-prediction); OSEDiff needs SD 2.1-base (512, epsilon)", base)
     return unet, vae, text_encoder, tokenizer
+
+
+def _load_single_file(path: str, dtype: torch.dtype, unet_edits: dict, vae_edits: dict):
+    """`load_base` from one LDM-layout file: the three networks built empty from the carried SD 2.1-base configs
+    (or `$OSEDIFF_BASE_CONFIG`'s) and filled in one pass over the file, each tensor renamed, cast and merged as
+    it is read (`osediff.weights.ldm`); no config is ever looked up on the hub."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from osediff.weights import ldm, single_file
+
+    configs = single_file.load_configs()
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (position ids) real
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"], attn_implementation="eager"))
+    text_names = set(text_encoder.state_dict())
+    items = ((comp, ldm.text_name(name, text_names) if comp == "text_encoder" else name, t)
+             for comp, name, t in ldm.iter_converted(path, configs))
+    _fill({"unet": (unet, unet_edits), "vae": (vae, vae_edits), "text_encoder": (text_encoder, {})}, items, dtype)
+    _trim_heap()
+    log.info("SD 2.1-base built from the single file %s", path)
+    return unet.eval(), vae.eval(), text_encoder.eval(), single_file.load_tokenizer()
 
 
 def merge_edits(w: OSEDiffWeights) -> tuple[dict, dict]:
@@ -104,6 +134,8 @@ def _load_module(base: str, sub: str, dtype: torch.dtype, edits: dict, build_emp
 
     folder = Path(base) / sub
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    plain = [f for f in files if ".fp16." not in f.name]  # a folder may hold fp32 files and fp16 variants
+    files = plain or files
     if len(files) == 1 and not list(folder.glob("*.index.json")):
         try:
             from accelerate import init_empty_weights
@@ -115,35 +147,57 @@ def _load_module(base: str, sub: str, dtype: torch.dtype, edits: dict, build_emp
                 return model.eval()
         except (ImportError, ValueError) as e:  # no accelerate, an unusual file: the library path below
             log.debug("%s: streaming load not used (%s)", folder, e)
-    model = load_fp32()
+    # a folder with only `*.fp16.*` weight files (a cached fp16 variant) must be asked for by its variant name
+    variant = "fp16" if files and not plain else None
+    model = load_fp32(variant)
     _apply_edits(model, edits)
     return model.to(dtype).eval()
 
 
 def _stream_into(model: nn.Module, path, dtype: torch.dtype, edits: dict) -> bool:
-    """Fill an empty `model` from a .safetensors file, tensor by tensor (peak: the model + one tensor).
-    False, touching nothing, when the file's names are not exactly the model's."""
+    """Fill an empty `model` from one .safetensors file (see `_fill`); False, touching nothing, when the file's
+    names are not exactly the model's."""
     from osediff.files.tensors import header, iter_tensors
+    from osediff.weights.ldm import text_name
 
     expected = set(model.state_dict())
-    if set(header(path)[0]) != expected or not set(edits) <= expected:
+    # transformers 5 dropped the text tower's `text_model.` prefix that files written by 4.x carry
+    rename = {n: text_name(n.removeprefix("text_model."), expected) for n in header(path)[0]}
+    if set(rename.values()) != expected or len(rename) != len(expected) or not set(edits) <= expected:
         return False
+    _fill({"m": (model, edits)}, (("m", rename[n], t) for n, t in iter_tensors(path, reuse=True)), dtype)
+    return True
+
+
+def _fill(targets: dict[str, tuple[nn.Module, dict]], items, dtype: torch.dtype) -> None:
+    """Fill empty (meta) modules tensor by tensor (peak: the modules + one tensor). `targets`: component ->
+    (module, edits); `items` yields (component, parameter name, tensor), where a tensor may be a scratch view
+    valid only until the next one (it is cast or copied at once). ValueError for a name or shape the module
+    does not have, or a parameter left unfilled."""
     with torch.no_grad():
-        for name, t in iter_tensors(path, reuse=True):  # t is a scratch view: cast or copy it at once
+        for comp, name, t in items:
+            model, edits = targets[comp]
+            parent, _, leaf = name.rpartition(".")
+            try:
+                mod = model.get_submodule(parent)
+            except AttributeError:
+                raise ValueError(f"{comp}: no module for {name}") from None
+            old = mod._parameters.get(leaf, mod._buffers.get(leaf))
+            if old is None or tuple(old.shape) != tuple(t.shape):
+                raise ValueError(f"{comp}: {name} has shape {tuple(t.shape)}, the module "
+                                 f"{'has no such tensor' if old is None else tuple(old.shape)}")
             # the kept tensor is allocated before the merge's fp32 temporaries, so those are freed above it
             # instead of leaving holes between kept tensors (0.45 GB of a bf16 SD 2.1 build otherwise)
             out = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype)
             t = out.copy_(edits[name](t.float()) if name in edits else t)
-            parent, _, leaf = name.rpartition(".")
-            mod = model.get_submodule(parent)
             if leaf in mod._parameters:
                 mod._parameters[leaf] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
             else:
                 mod._buffers[leaf] = t
-    left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
-    if left:
-        raise ValueError(f"not in {path}: {left[:3]}")
-    return True
+    for comp, (model, _) in targets.items():
+        left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+        if left:
+            raise ValueError(f"{comp}: not in the file: {left[:3]}")
 
 
 class OSEDiffModel(nn.Module):
