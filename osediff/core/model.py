@@ -103,8 +103,14 @@ def _load_single_file(path: str, dtype: torch.dtype, unet_edits: dict, vae_edits
         vae = AutoencoderKL.from_config(configs["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"], attn_implementation="eager"))
     text_names = set(text_encoder.state_dict())
+    if ldm.is_safetensors(path):
+        from osediff.files.tensors import iter_tensors
+
+        tensors = iter_tensors(path, reuse=True)  # plain reads: the file's pages never count in our memory
+    else:
+        tensors = iter(ldm.ckpt_state(path).items())  # memory-mapped by torch.load
     items = ((comp, ldm.text_name(name, text_names) if comp == "text_encoder" else name, t)
-             for comp, name, t in ldm.iter_converted(path, configs))
+             for comp, name, t in ldm.convert(tensors, configs))
     _fill({"unet": (unet, unet_edits), "vae": (vae, vae_edits), "text_encoder": (text_encoder, {})}, items, dtype)
     _trim_heap()
     log.info("SD 2.1-base built from the single file %s", path)

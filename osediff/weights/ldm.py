@@ -237,14 +237,11 @@ def ldm_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in ckpt_state(path).items()}
 
 
-def iter_converted(path: str | os.PathLike, configs: dict[str, dict]) -> Iterator[tuple[str, str, object]]:
-    """Yield (component, diffusers name, tensor) for every used tensor of a single file, in file order.
+def convert(items, configs: dict[str, dict]) -> Iterator[tuple[str, str, object]]:
+    """(LDM name, tensor) pairs -> (component, diffusers name, tensor) for every used tensor, in the same order.
 
-    From .safetensors each tensor is a view of one scratch buffer, valid until the next one is yielded: the
-    caller copies or casts it at once (peak: the model being built + the largest tensor)."""
-    from osediff.files.tensors import iter_tensors
-
-    items = iter_tensors(path, reuse=True) if is_safetensors(path) else iter(ckpt_state(path).items())
+    Lazy, one tensor at a time: with a reader that reuses one scratch buffer (`osediff.files.tensors`), each
+    yielded tensor is valid until the next one, and the caller casts or copies it at once."""
     for key, t in items:
         for comp, name, transform in targets(key, configs) or []:
             yield comp, name, t if transform is None else transform(t)

@@ -17,6 +17,7 @@ folder in `$OSEDIFF_BASE_CONFIG`) through the key map of `weights.ldm`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -140,8 +141,16 @@ def load_tokenizer(folder: str | os.PathLike | None = None):
 
 
 def expected_shapes(configs: dict[str, dict]) -> dict[str, dict[str, tuple[int, ...]]]:
-    """{component: {diffusers name: shape}} of the three networks the configs describe (built on `meta`)."""
+    """{component: {diffusers name: shape}} of the three networks the configs describe (built on `meta` once
+    per configs: listing a folder of checkpoints asks for them once per file)."""
+    return _expected_shapes(json.dumps(configs, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _expected_shapes(configs_json: str) -> dict[str, dict[str, tuple[int, ...]]]:
     from osediff.weights.check import _meta_text, _meta_unet, _meta_vae
+
+    configs = json.loads(configs_json)
 
     text = {k.removeprefix("text_model."): s for k, s in _meta_text(configs["text_encoder"]).items()}
     return {"unet": _meta_unet(configs["unet"]), "vae": _meta_vae(configs["vae"]), "text_encoder": text}
@@ -183,6 +192,24 @@ def architecture_problem(shapes: dict[str, tuple[int, ...]]) -> str | None:
     return None
 
 
+def structure_problem(shapes: dict[str, tuple[int, ...]], configs: dict[str, dict]) -> str | None:
+    """Why LDM tensors do not build the networks of `configs` name for name and shape for shape (the rest of
+    a one-line message after the file name), or None."""
+    got, unknown = ldm.converted_shapes(shapes, configs)
+    if unknown:
+        return f" has {len(unknown)} tensors SD 2.1-base does not (e.g. {unknown[0]})"
+    for comp, want in expected_shapes(configs).items():
+        missing, extra = sorted(set(want) - set(got[comp])), sorted(set(got[comp]) - set(want))
+        if missing or extra:
+            what = (f"lacks {len(missing)} tensors SD 2.1-base has (e.g. {missing[0]})" if missing else
+                    f"has {len(extra)} tensors SD 2.1-base does not (e.g. {extra[0]})")
+            return f": its {comp} {what}"
+        wrong = [k for k, s in want.items() if got[comp][k] != s]
+        if wrong:
+            return f": {comp} {wrong[0]} has shape {got[comp][wrong[0]]}, SD 2.1-base {want[wrong[0]]}"
+    return None
+
+
 def _metadata(path: Path) -> dict[str, str]:
     if not ldm.is_safetensors(path):
         return {}
@@ -221,9 +248,10 @@ def v_statistic(path: str | os.PathLike, shapes: dict[str, tuple[int, ...]]) -> 
         return None
     key = max(found, key=lambda k: int(k.split(".")[3]))
     if ldm.is_safetensors(path):
-        from osediff.files.tensors import iter_tensors
+        from safetensors import safe_open
 
-        t = next(t for _, t in iter_tensors(path, [key]))
+        with safe_open(str(path), framework="pt", device="cpu") as f:  # maps the file; reads one small tensor
+            t = f.get_tensor(key)
     else:
         t = ldm.ckpt_state(path)[key]
     return float(t.float().std())
@@ -242,7 +270,8 @@ def looks_like_sd21_base(path: str | os.PathLike) -> bool:
 
             if not zipfile.is_zipfile(p):  # a legacy pickle could only be judged by reading it whole
                 return False
-        if architecture_problem(ldm.ldm_shapes(p)) is not None:
+        shapes = ldm.ldm_shapes(p)
+        if architecture_problem(shapes) is not None or structure_problem(shapes, load_configs()) is not None:
             return False
         digest = cached_sha256(p)
         if digest in PUBLISHED:
@@ -264,21 +293,9 @@ def identify(path: str | os.PathLike, *, configs: dict[str, dict] | None = None,
     problem = architecture_problem(shapes)
     if problem:
         raise BrokenWeightsError(f"{p.name} {problem}")
-    configs = configs or load_configs()
-    got, unknown = ldm.converted_shapes(shapes, configs)
-    if unknown:
-        raise BrokenWeightsError(f"{p.name} has {len(unknown)} tensors SD 2.1-base does not (e.g. {unknown[0]})")
-    for comp, want in expected_shapes(configs).items():
-        missing = sorted(set(want) - set(got[comp]))
-        extra = sorted(set(got[comp]) - set(want))
-        if missing or extra:
-            e = missing or extra
-            raise BrokenWeightsError(f"{p.name}: its {comp} {'lacks' if missing else 'has unexpected'} "
-                                     f"{len(e)} tensors of SD 2.1-base (e.g. {e[0]})")
-        wrong = [k for k, s in want.items() if got[comp][k] != s]
-        if wrong:
-            raise BrokenWeightsError(f"{p.name}: {comp} {wrong[0]} has shape {got[comp][wrong[0]]}, SD 2.1-base "
-                                     f"{want[wrong[0]]}")
+    problem = structure_problem(shapes, configs or load_configs())
+    if problem:
+        raise BrokenWeightsError(f"{p.name}{problem}")
     if hash:
         digest = sha256(p)
         if digest in PUBLISHED:
