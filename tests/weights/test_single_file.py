@@ -249,3 +249,17 @@ def test_the_carried_tokenizer_is_clips():
     assert len(tok) == 49408 and tok.pad_token == "!" and tok.model_max_length == 77
     # CLIP's published ids: <|startoftext|> a photo of a cat <|endoftext|>
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_osediff_weights_are_checked_against_a_single_file_base(files, tiny_ckpt, tmp_path):
+    from osediff.weights.obtain import obtain
+
+    f = files["fp16.ckpt"]
+    check.check_osediff(tiny_ckpt, f)  # the LoRA targets and shapes derived through the LDM key map
+    assert obtain("base", str(f), offline=True) == str(f)
+    assert obtain("weights", str(tiny_ckpt), offline=True, base=str(f)) == str(tiny_ckpt)
+    shapes = _tiny_shapes(files)
+    other = {k: ((s[0] * 2, *s[1:]) if k.endswith("input_blocks.1.0.in_layers.2.weight") else s)
+             for k, s in shapes.items()}
+    with pytest.raises(BrokenWeightsError, match="has shape"):
+        single_file.identify(_header_only(tmp_path / "other.safetensors", other))
