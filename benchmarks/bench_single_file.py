@@ -97,13 +97,21 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64, help="input side (output: 4x)")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--json", help="append one JSON line per run here")
+    p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     from PIL import Image
 
     work = Path(a.work) / ("tiny" if a.tiny else "full")
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    folder, ckpt, single = build(work, a.tiny)
+    if a.build_only:
+        build(work, a.tiny)
+        return
+    # built in a child process: a forked `osediff sr` would inherit this process's high-water RSS (Linux
+    # carries it across fork and exec), so this process must stay small
+    subprocess.run([sys.executable, __file__, "--build-only", "--work", a.work, *(["--tiny"] if a.tiny else [])],
+                   check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    folder, ckpt, single = work / "sd", work / "osediff.pkl", work / "v2-1_512-ema-pruned.safetensors"
     print(f"# models ready in {time.perf_counter() - t:.0f} s: {single} ({single.stat().st_size:,} bytes)")
     inputs = work / "in"
     inputs.mkdir(exist_ok=True)

@@ -104,9 +104,17 @@ def _load_single_file(path: str, dtype: torch.dtype, unet_edits: dict, vae_edits
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"], attn_implementation="eager"))
     text_names = set(text_encoder.state_dict())
     if ldm.is_safetensors(path):
-        from osediff.files.tensors import iter_tensors
+        from itertools import chain
 
-        tensors = iter_tensors(path, reuse=True)  # plain reads: the file's pages never count in our memory
+        from osediff.files.tensors import header, iter_tensors
+
+        # plain reads (the file's pages never count in our memory) of the used tensors only (not the EMA
+        # copies), the text tower first with its own scratch buffer (the 0.2 GB token embedding), freed before
+        # the UNet and VAE are read: the order, and so the peak, of a folder's load
+        used = [k for k in header(path)[0] if ldm.targets(k, configs)]
+        text = [k for k in used if k.startswith(ldm.TEXT_PREFIX)]
+        rest = [k for k in used if not k.startswith(ldm.TEXT_PREFIX)]
+        tensors = chain(iter_tensors(path, text, reuse=True), iter_tensors(path, rest, reuse=True))
     else:
         tensors = iter(ldm.ckpt_state(path).items())  # memory-mapped by torch.load
     items = ((comp, ldm.text_name(name, text_names) if comp == "text_encoder" else name, t)
