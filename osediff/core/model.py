@@ -89,8 +89,8 @@ def load_base(base: str, dtype: torch.dtype = torch.float32, weights: OSEDiffWei
 
 def _load_single_file(path: str, dtype: torch.dtype, unet_edits: dict, vae_edits: dict):
     """`load_base` from one LDM-layout file: the three networks built empty from the carried SD 2.1-base configs
-    (or `$OSEDIFF_BASE_CONFIG`'s) and filled in one pass over the file, each tensor renamed, cast and merged as
-    it is read (`osediff.weights.ldm`); no config is ever looked up on the hub."""
+    (or `$OSEDIFF_BASE_CONFIG`'s) and filled from the file, each tensor renamed, cast and merged as it is read
+    (`osediff.weights.ldm`); no config is ever looked up on the hub."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -98,23 +98,29 @@ def _load_single_file(path: str, dtype: torch.dtype, unet_edits: dict, vae_edits
     from osediff.weights import ldm, single_file
 
     configs = single_file.load_configs()
+    tokenizer = single_file.load_tokenizer()  # first: its temporary vocabulary is freed before the big tensors
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (position ids) real
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"], attn_implementation="eager"))
     text_names = set(text_encoder.state_dict())
     if ldm.is_safetensors(path):
-        from itertools import chain
-
         from osediff.files.tensors import header, iter_tensors
 
         # plain reads (the file's pages never count in our memory) of the used tensors only (not the EMA
-        # copies), the text tower first with its own scratch buffer (the 0.2 GB token embedding), freed before
-        # the UNet and VAE are read: the order, and so the peak, of a folder's load
+        # copies), one network after the other as from a folder (text tower, UNet, VAE), each pass with a
+        # scratch buffer sized to its own largest tensor (the text tower's is the 0.2 GB token embedding) and
+        # the heap trimmed in between: the order, and so the peak, of a folder's load
         used = [k for k in header(path)[0] if ldm.targets(k, configs)]
-        text = [k for k in used if k.startswith(ldm.TEXT_PREFIX)]
-        rest = [k for k in used if not k.startswith(ldm.TEXT_PREFIX)]
-        tensors = chain(iter_tensors(path, text, reuse=True), iter_tensors(path, rest, reuse=True))
+        groups = [[k for k in used if k.startswith(prefix)]
+                  for prefix in (ldm.TEXT_PREFIX, ldm.UNET_PREFIX, ldm.VAE_PREFIX)]
+
+        def passes():
+            for group in groups:
+                yield from iter_tensors(path, group, reuse=True)
+                _trim_heap()
+
+        tensors = passes()
     else:
         import zipfile
 
@@ -127,7 +133,7 @@ def _load_single_file(path: str, dtype: torch.dtype, unet_edits: dict, vae_edits
     _fill({"unet": (unet, unet_edits), "vae": (vae, vae_edits), "text_encoder": (text_encoder, {})}, items, dtype)
     _trim_heap()
     log.info("SD 2.1-base built from the single file %s", path)
-    return unet.eval(), vae.eval(), text_encoder.eval(), single_file.load_tokenizer()
+    return unet.eval(), vae.eval(), text_encoder.eval(), tokenizer
 
 
 def merge_edits(w: OSEDiffWeights) -> tuple[dict, dict]:
