@@ -120,12 +120,13 @@ def main() -> None:
     hf_home = fake_hf_cache(work, folder)
     empty = work / "empty-models"
     empty.mkdir(exist_ok=True)
-    cfg = {"OSEDIFF_BASE_CONFIG": str(folder)} if a.tiny else {}
+    # every run keeps its models folder (the sha256 digest cache) under --work
+    cfg = {"OSEDIFF_MODELS": str(work / "models"), **({"OSEDIFF_BASE_CONFIG": str(folder)} if a.tiny else {})}
     rows = []
     print("| dtype | base | wall s | peak RSS GiB | same image as the folder |\n|---|---|---|---|---|")
     for dtype in a.dtypes.split(","):
         ref = None
-        for label, base, env in (("folder", folder, {}), ("single file", single, cfg),
+        for label, base, env in (("folder", folder, cfg), ("single file", single, cfg),
                                  ("HF cache (no --base)", None, {"HF_HOME": str(hf_home),
                                                                  "OSEDIFF_MODELS": str(empty)})):
             out = work / f"out-{dtype}-{label.split()[0]}"
