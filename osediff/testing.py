@@ -121,3 +121,142 @@ def make_authors_checkpoint(sd_folder: str | os.PathLike, path: str | os.PathLik
     path = Path(path)
     torch.save(sd, path)
     return path
+
+
+# ------------------------------------------------------------------- single files in the original LDM layout
+
+def _resnet_to_ldm(rest: str, vae: bool) -> str:
+    # diffusers resnet names -> the latent-diffusion ones (UNet: in_layers/emb_layers/out_layers; VAE: same names)
+    table = {"conv_shortcut.": "nin_shortcut."} if vae else {
+        "norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "time_emb_proj.": "emb_layers.1.",
+        "norm2.": "out_layers.0.", "conv2.": "out_layers.3.", "conv_shortcut.": "skip_connection."}
+    for new, old in table.items():
+        if rest.startswith(new):
+            return old + rest[len(new):]
+    return rest
+
+
+def ldm_unet_key(name: str, layers_per_block: int, up_has_attention: list[bool]) -> str:
+    """A diffusers UNet parameter name -> its name in an LDM checkpoint (written independently of
+    `osediff.weights.ldm`, which maps the other way, so a test of one against the other can fail)."""
+    per = layers_per_block + 1
+    parts = name.split(".")
+    simple = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+              "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2"}
+    for new, old in simple.items():
+        if name.startswith(new + "."):
+            return "model.diffusion_model." + old + name[len(new):]
+    kind, block = parts[0], parts[1] if parts[0] != "mid_block" else None
+    if kind == "mid_block":
+        sub, idx, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+        at = 1 if sub == "attentions" else 2 * idx
+        return f"model.diffusion_model.middle_block.{at}." + (rest if sub == "attentions" else _resnet_to_ldm(rest, False))
+    b = int(block)
+    sub, idx, rest = parts[2], int(parts[3]), ".".join(parts[4:])
+    if kind == "down_blocks":
+        if sub == "downsamplers":
+            return f"model.diffusion_model.input_blocks.{1 + b * per + layers_per_block}.0.op.{rest[len('conv.'):]}"
+        where = f"input_blocks.{1 + b * per + idx}"
+    else:
+        if sub == "upsamplers":
+            return (f"model.diffusion_model.output_blocks.{b * per + layers_per_block}."
+                    f"{2 if up_has_attention[b] else 1}.{rest}")
+        where = f"output_blocks.{b * per + idx}"
+    if sub == "resnets":
+        return f"model.diffusion_model.{where}.0.{_resnet_to_ldm(rest, False)}"
+    return f"model.diffusion_model.{where}.1.{rest}"
+
+
+def ldm_vae_key(name: str, n_blocks: int) -> str:
+    """A diffusers VAE parameter name -> its LDM name (see `ldm_unet_key`)."""
+    parts = name.split(".")
+    if parts[0] in ("quant_conv", "post_quant_conv"):
+        return "first_stage_model." + name
+    side, what = parts[0], parts[1]
+    if what == "conv_norm_out":
+        return f"first_stage_model.{side}.norm_out." + ".".join(parts[2:])
+    if what in ("conv_in", "conv_out"):
+        return "first_stage_model." + name
+    if what == "mid_block":
+        if parts[2] == "attentions":
+            attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}[parts[4]]
+            tail = parts[6:] if parts[4] == "to_out" else parts[5:]
+            return f"first_stage_model.{side}.mid.attn_1.{attn}." + ".".join(tail)
+        return (f"first_stage_model.{side}.mid.block_{int(parts[3]) + 1}."
+                + _resnet_to_ldm(".".join(parts[4:]), True))
+    b = int(parts[2]) if side == "encoder" else n_blocks - 1 - int(parts[2])
+    stage = f"first_stage_model.{side}.{'down' if side == 'encoder' else 'up'}.{b}"
+    if parts[3] == "resnets":
+        return f"{stage}.block.{parts[4]}." + _resnet_to_ldm(".".join(parts[5:]), True)
+    return f"{stage}.{'downsample' if side == 'encoder' else 'upsample'}.conv." + ".".join(parts[6:])
+
+
+def to_ldm_state(unet, vae, text_encoder, *, extra_text_block: bool = True, seed: int = 0) -> dict:
+    """The three diffusers networks as one state dict in the original SD 2.x single-file layout: VAE attention
+    as 1×1 convolutions, the text tower's q/k/v stacked as `in_proj`, plus what the published files carry and
+    OSEDiff does not use (a 24th text block, text_projection, logit_scale, the schedule buffers)."""
+    lpb = unet.config.layers_per_block
+    up_attn = [t.startswith("CrossAttn") for t in unet.config.up_block_types]
+    out = {ldm_unet_key(k, lpb, up_attn): v for k, v in unet.state_dict().items()}
+    n_vae = len(vae.config.block_out_channels)
+    for k, v in vae.state_dict().items():
+        key = ldm_vae_key(k, n_vae)
+        out[key] = v[:, :, None, None] if ".mid.attn_1." in key and key.endswith("weight") and v.ndim == 2 else v
+    # transformers 4 names the text tower `text_model.*`, transformers 5 without the prefix
+    text = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()
+            if not k.endswith("position_ids")}
+    t = "cond_stage_model.model."
+    out[t + "token_embedding.weight"] = text["embeddings.token_embedding.weight"]
+    out[t + "positional_embedding"] = text["embeddings.position_embedding.weight"]
+    out[t + "ln_final.weight"] = text["final_layer_norm.weight"]
+    out[t + "ln_final.bias"] = text["final_layer_norm.bias"]
+    n = text_encoder.config.num_hidden_layers
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n + (1 if extra_text_block else 0)):
+        src = f"encoder.layers.{min(i, n - 1)}."
+        dst = f"{t}transformer.resblocks.{i}."
+        for w in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{w}"] = torch.cat([text[src + f"self_attn.{p}_proj.{w}"] for p in "qkv"])
+            for new, old in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                             ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                v = text[src + f"{old}.{w}"]
+                # the unused last block gets its own values, so using it by mistake changes the output
+                out[dst + f"{new}.{w}"] = v if i < n else torch.randn(v.shape, generator=g, dtype=v.dtype)
+    width = text_encoder.config.hidden_size
+    out[t + "text_projection"] = torch.randn(width, width, generator=g)
+    out[t + "logit_scale"] = torch.tensor(4.6052)
+    out["alphas_cumprod"] = torch.linspace(0.999, 0.005, 1000)
+    return out
+
+
+def write_ldm_checkpoint(sd_folder: str | os.PathLike, path: str | os.PathLike, *,
+                         dtype: torch.dtype = torch.float32, ema: bool = False,
+                         metadata: dict[str, str] | None = None) -> Path:
+    """Write the diffusers folder `sd_folder` as one A1111/ComfyUI-style file (`.safetensors` or `.ckpt`).
+
+    `ema=True` adds `model_ema.*` copies of the UNet (with other values, as a training checkpoint has: a loader
+    must ignore them). `metadata` goes into the safetensors header (e.g. ComfyUI's `modelspec.*`)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    sd_folder, path = Path(sd_folder), Path(path)
+    unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(sd_folder, subfolder="vae")
+    text = CLIPTextModel.from_pretrained(sd_folder, subfolder="text_encoder")
+    state = to_ldm_state(unet, vae, text)
+    del unet, vae, text
+    if ema:
+        g = torch.Generator().manual_seed(1)
+        for k in [k for k in state if k.startswith("model.diffusion_model.")]:
+            flat = "model_ema." + k[len("model.diffusion_model."):].replace(".", "")
+            state[flat] = torch.randn(state[k].shape, generator=g) if state[k].is_floating_point() else state[k]
+        state["model_ema.decay"] = torch.tensor(0.9999)
+        state["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path), metadata=metadata)
+    else:
+        torch.save({"state_dict": state, "global_step": 0}, path)
+    return path

@@ -42,3 +42,10 @@ def sr_args(tiny_sd, tiny_ckpt) -> list[str]:
     and fp32 elsewhere, and the tests must not depend on the machine."""
     return ["--base", str(tiny_sd), "--weights", str(tiny_ckpt), "--no-dape", "--device", "cpu", "--dtype", "fp32",
             "--process-size", "64"]
+
+
+@pytest.fixture(autouse=True)
+def _empty_hf_cache(tmp_path_factory, monkeypatch):
+    """SD 2.1-base is looked for in the Hugging Face cache before any download: every test sees an empty cache
+    (never the machine's own) unless it builds one."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "hf-hub-cache-empty"))

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     for key in keys:
         try:
             path = download(key, force=args.force, timeout=args.timeout)
-            print(f"{key:8} {path}")
+            print(f"{key:8} {path}" + (f" -> {path.resolve()}" if path.is_symlink() else ""))
         except DownloadError as e:
             log.error("%s: %s", key, e)
             failed += 1
@@ -84,4 +84,10 @@ def _where(key: str) -> str | None:
         p = locate.models_dir() / name
         if p.exists():
             return str(p)
-    return str(locate.models_dir() / spec.names[-1])
+    if key == "base":  # not in the models folder: what `osediff sr` would use from the Hugging Face cache
+        from osediff.weights.hfcache import find_base
+
+        hit = find_base()
+        if hit is not None:
+            return hit.path
+    return str(locate.models_dir() / spec.names[0 if key == "base" else -1])

@@ -11,7 +11,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that say which weights to load and where to run them (shared by `osediff sr` and `osediff ui`)."""
     from osediff.core.options import DTYPE_CHOICES
 
-    p.add_argument("--base", help="SD 2.1-base diffusers folder or hub id (env OSEDIFF_BASE)")
+    p.add_argument("--base", help="SD 2.1-base: diffusers folder, one A1111/ComfyUI file (v2-1_512-ema-pruned.safetensors "
+                        "or .ckpt), or hub id (env OSEDIFF_BASE); default: the models folder, then the Hugging "
+                        "Face cache, then a download")
     p.add_argument("--weights", help="osediff.pkl or .safetensors (env OSEDIFF_WEIGHTS)")
     p.add_argument("--ram", help="ram_swin_large_14m.pth (env OSEDIFF_RAM)")
     p.add_argument("--dape", help="DAPE.pth (env OSEDIFF_DAPE)")

@@ -28,20 +28,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, resolve: bool = True):
-    """The TrainConfig of the parsed flags; `resolve` finds the base model and RAM weights (flag, environment
-    variable or models folder, see `osediff.weights.locate`) and raises MissingWeightsError when they are absent."""
+    """The TrainConfig of the parsed flags; `resolve` finds the base model and RAM weights like `osediff sr`
+    (`osediff.weights.obtain`: flag, environment variable, models folder, the Hugging Face cache for the base,
+    else a first-use download, then the structural check) and raises MissingWeightsError when they are absent,
+    BrokenWeightsError (a ValueError) when they are wrong."""
     import dataclasses
 
     from osediff.config import dataclass_from_args
     from osediff.train.config import SECTIONS, TrainConfig
     from osediff.weights import locate as weights
+    from osediff.weights.obtain import obtain
 
     parts = {name: dataclass_from_args(cls, args) for name, cls in SECTIONS.items()}
     model, data = parts["model"], parts["data"]
-    base = weights.find("base", model.base, required=resolve)
+    # resolving: as `osediff sr` does (flag/env, models folder, Hugging Face cache, first-use download, the
+    # structural check); a dry run only looks (no download, no check)
+    find = obtain if resolve else (lambda key, given: weights.find(key, given, required=False))
+    base = find("base", model.base)
     parts["model"] = dataclasses.replace(model, base=base or model.base)
     if data.prompts == "ram":
-        ram = weights.find("ram", data.ram, required=resolve)
+        ram = find("ram", data.ram)
         parts["data"] = dataclasses.replace(data, ram=ram or data.ram)
     return TrainConfig(**parts)
 

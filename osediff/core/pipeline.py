@@ -123,9 +123,11 @@ class OSEDiffPipeline:
                         dtype: str | torch.dtype | None = "auto", *, ram: str | None = None, dape: str | None = None,
                         use_dape: bool = True, merge: bool = True, options: SROptions = SROptions(),
                         offline: bool | None = None) -> OSEDiffPipeline:
-        """Load SD 2.1-base (`base`: folder or hub id) + OSEDiff `weights` (+ RAM/DAPE when found).
+        """Load SD 2.1-base (`base`: diffusers folder, A1111/ComfyUI single file, or hub id) + OSEDiff `weights`
+        (+ RAM/DAPE when found).
 
-        Each location falls back to its environment variable and the models folder (see `osediff.weights.locate`).
+        Each location falls back to its environment variable and the models folder (see `osediff.weights.locate`),
+        the base also to the Hugging Face cache (`osediff.weights.hfcache`).
         A weight absent from both is downloaded into the models folder on first use, unless `offline` (or
         HF_HUB_OFFLINE / OSEDIFF_OFFLINE) is set; each file is structurally checked before loading. A missing
         file raises `MissingWeightsError` saying what to download and where to put it (and why the download

@@ -27,8 +27,10 @@ def header(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
     return entries, 8 + n
 
 
-def iter_tensors(path: str | os.PathLike, names=None, *, reuse: bool = False) -> Iterator[tuple[str, object]]:
-    """Yield (name, CPU tensor) in file order (`names`: only those), each read into its own fresh tensor.
+def iter_tensors(path: str | os.PathLike, names=None, *, reuse: bool = False,
+                 file_order: bool = True) -> Iterator[tuple[str, object]]:
+    """Yield (name, CPU tensor) in file order (`names`: only those; `file_order=False`: in the order of
+    `names`), each read into its own fresh tensor.
 
     `reuse=True`: every tensor is a view of one scratch buffer (the size of the largest), valid only until
     the next one is read: for callers that cast or copy each tensor at once. It keeps the allocator from
@@ -39,8 +41,11 @@ def iter_tensors(path: str | os.PathLike, names=None, *, reuse: bool = False) ->
 
     entries, start = header(path)
     wanted = None if names is None else set(names)
-    order = sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    order = [(n, e) for n, e in order if wanted is None or n in wanted]
+    if file_order or names is None:
+        order = sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        order = [(n, e) for n, e in order if wanted is None or n in wanted]
+    else:
+        order = [(n, entries[n]) for n in dict.fromkeys(names)]
     for name, e in order:
         if e["dtype"] not in _DTYPES:
             raise ValueError(f"{path}: tensor {name} has dtype {e['dtype']}, which this reader does not handle")

@@ -72,7 +72,7 @@ class DataConfig:
 class ModelConfig:
     """Networks (spec §2): the LoRA generator, the frozen real score, the LoRA fake score."""
 
-    base: str | None = _help("SD 2.1-base diffusers folder or hub id (env OSEDIFF_BASE)")
+    base: str | None = _help("SD 2.1-base: diffusers folder, single .safetensors/.ckpt file, or hub id (env OSEDIFF_BASE)")
     rank: int = _help("LoRA rank of the generator (UNet and VAE encoder) and of the fake score", 4)
     fake_lora: Literal["mid", "all"] = _help(
         "fake-score LoRA: 'mid' = mid-block only, what the released model was trained with (spec §2.5, §8.15); "

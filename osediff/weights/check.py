@@ -181,10 +181,21 @@ def check_osediff(path: str | os.PathLike, base: str | os.PathLike | None = None
 
 def _fits_base(name: str, d: dict, targets, vae_targets, ranks, base: Path) -> None:
     """The targets and shapes the reference's rule derives from the base's own tensors (spec §2.2, §2.3)."""
+    if base.is_file():  # a single-file base: its UNet/VAE names and shapes through the LDM key map
+        from osediff.weights import ldm
+        from osediff.weights.single_file import load_configs
+
+        converted, _ = ldm.converted_shapes(ldm.ldm_shapes(base), load_configs())
+        unet, vae = converted["unet"], converted["vae"]
+        return _fits_shapes(name, d, targets, vae_targets, ranks, base, unet, vae)
     unet_file, vae_file = _weights_file(base / "unet"), _weights_file(base / "vae")
     if unet_file is None or vae_file is None or unet_file.suffix != ".safetensors" or vae_file.suffix != ".safetensors":
         return  # a .bin base can only be checked by loading it; load_base does that
     unet, vae = safetensors_header(unet_file), safetensors_header(vae_file)
+    _fits_shapes(name, d, targets, vae_targets, ranks, base, unet, vae)
+
+
+def _fits_shapes(name: str, d: dict, targets, vae_targets, ranks, base: Path, unet: dict, vae: dict) -> None:
     for adapter, modules in layout.unet_targets(unet).items():
         if set(modules) != set(targets[adapter]):
             raise BrokenWeightsError(f"{name} was trained for another base model: its {adapter} targets "
@@ -208,8 +219,10 @@ def _fits_base(name: str, d: dict, targets, vae_targets, ranks, base: Path) -> N
 # ------------------------------------------------------------------------------------------------- the base
 
 def _weights_file(folder: Path) -> Path | None:
+    """The weight file of one network: fp32 before an `*.fp16.*` variant, and only files that exist (a link
+    into a Hugging Face cache may point at a blob that was never downloaded)."""
     for pattern in ("*.safetensors", "*.bin"):
-        found = sorted(folder.glob(pattern))
+        found = sorted((p for p in folder.glob(pattern) if p.is_file()), key=lambda p: (".fp16." in p.name, p.name))
         if found:
             return found[0]
     return None
@@ -224,8 +237,14 @@ def _config(folder: Path, name: str = "config.json") -> dict:
 
 
 def check_base(path: str | os.PathLike) -> None:
-    """Raise BrokenWeightsError unless `path` is a complete SD 2.1-base-like diffusers folder (not SD 2.1 768)."""
+    """Raise BrokenWeightsError unless `path` is a complete SD 2.1-base-like diffusers folder (not SD 2.1 768),
+    or an SD 2.1-base single file (`weights.single_file.identify`)."""
     path = Path(path)
+    if path.is_file():
+        from osediff.weights.single_file import identify
+
+        identify(path)
+        return
     missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not (path / s).is_dir()]
     if missing:
         raise BrokenWeightsError(f"{path.name} is not a diffusers SD folder: missing {', '.join(missing)}/")
@@ -364,6 +383,10 @@ def check(key: str, path: str | os.PathLike | None, base: str | os.PathLike | No
         verify(key, path, base)
     except BrokenWeightsError as e:
         return Verdict(key, str(path), f"BROKEN: {e}")
+    if key == "base" and Path(path).is_file():  # identified by sha256 (cached) or by structure
+        from osediff.weights.single_file import identify
+
+        return Verdict(key, str(path), identify(path).status)
     if published_sha1 is None or Path(path).is_dir():
         return Verdict(key, str(path), "ok (no published checksum)")
     same = blob_sha1(path) == published_sha1

