@@ -13,6 +13,8 @@ How ComfyUI (0.3.64) manages a model, and what the pack does with each part:
   in part when VRAM is short ("lowvram"), leaving plain `nn.Linear`/`nn.Conv2d` weights on the CPU. OSEDiff's
   diffusers modules cannot run that way, so the pack asks for a full load and then moves any weight still
   elsewhere itself (`load`).
+- The pipeline is built on the offload device, so the TF32 matmuls the CLI switches on for fp32 on CUDA (as the
+  reference runs) are switched on in `load`, once the device is known.
 - The evicted module stays in RAM on the offload device, held by the pack's pipeline cache (models.py): the
   next prompt moves it back without reading any file.
 
@@ -90,7 +92,14 @@ def load(pipe, memory_required: int) -> torch.device:
             log.info("moving the rest of %s to %s (ComfyUI loaded it in part)", type(p.model.net).__name__,
                      p.load_device)
             p.model.to(p.load_device)
-    return ps[0].load_device
+    # the pipeline was built on the offload device (the CPU), where from_pretrained leaves TF32 alone: an fp32
+    # run on CUDA gets the reference's TF32 matmuls here, as the CLI's does
+    from osediff.core.pipeline import match_reference_matmuls
+
+    device = ps[0].load_device
+    if torch.device(device).type == "cuda" and match_reference_matmuls(device, pipe.model.dtype):
+        log.info("fp32 on %s: TF32 matmuls on, as the reference runs", device)
+    return device
 
 
 def _stray(module: nn.Module, device: torch.device) -> bool:

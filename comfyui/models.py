@@ -1,10 +1,12 @@
 """Where the node pack finds OSEDiff's weights inside ComfyUI, and the one cached pipeline.
 
 Two places are searched for every weight, in this order:
-1. ComfyUI's model folders: the SD 2.1-base folder in `models/diffusers/` (any folder holding a
-   `model_index.json`, as ComfyUI's own diffusers loader lists them), the OSEDiff, RAM and DAPE files in
-   `models/osediff/` — a model folder kind this pack registers (`extra_model_paths.yaml` may add more
-   folders under the key `osediff`);
+1. ComfyUI's model folders: SD 2.1-base as a diffusers folder in `models/diffusers/` (any folder holding a
+   `model_index.json`, as ComfyUI's own diffusers loader lists them) or as one file in `models/checkpoints/`
+   (those `osediff.weights.single_file.looks_like_sd21_base` accepts, by their ComfyUI name); the OSEDiff,
+   RAM and DAPE files in `models/osediff/` — a model folder kind this pack registers — and the OSEDiff LoRA
+   also in `models/loras/` (the files there that pass `check_osediff`, so other LoRAs stay out of the list).
+   `extra_model_paths.yaml` additions count for every kind (`checkpoints`, `loras`, `osediff`);
 2. osediff's own models folder (`$OSEDIFF_MODELS`, default `~/.cache/osediff/models`, see the README
    "Weights"), so weights already set up for the CLI are found without copying them.
 
@@ -12,11 +14,12 @@ The file lists offered in the UI always contain the default file names of the CL
 `DAPE.pth`...), even when missing: running a workflow with one then raises the CLI's missing-weight message
 (what to download, where to put it) in the UI instead of a bare "value not in list".
 
-This is the only module of the pack that imports osediff's weight-location helpers.
+This is the only module of the pack that imports osediff's weight-location and weight-checking helpers.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -25,12 +28,15 @@ from pathlib import Path
 import folder_paths  # ComfyUI's; a plain Python can stub it (tests/comfyui/conftest.py)
 
 from osediff.weights import locate as wts
+from osediff.weights.check import check_osediff
+from osediff.weights.single_file import SUFFIXES, looks_like_sd21_base
 
 log = logging.getLogger(__name__)
 
 FOLDER_KIND = "osediff"
 EXTENSIONS = {".pkl", ".safetensors", ".pth", ".pt", ".bin"}
 NONE = "none"  # the `ram`/`dape` choice that runs without the tagger
+CHECKPOINTS, LORAS = "checkpoints", "loras"  # ComfyUI's folder kinds for single-file bases and LoRAs
 
 
 def register_folder() -> None:
@@ -52,24 +58,66 @@ def comfy_folder(key: str) -> str:
 
 # --- what the UI lists --------------------------------------------------------------------------------------
 def base_choices() -> list[str]:
-    """Diffusers folders (relative to `models/diffusers/`) + osediff's own SD folder, the default name first."""
+    """Diffusers folders (relative to `models/diffusers/`), SD 2.1-base single files (ComfyUI names in
+    `models/checkpoints/`) + osediff's own SD folder, the default name first."""
     found = []
     for root in folder_paths.get_folder_paths("diffusers"):
         if os.path.isdir(root):
             for folder, _dirs, files in os.walk(root, followlinks=True):
                 if "model_index.json" in files:
                     found.append(os.path.relpath(folder, root))
+    found += _kind_files(CHECKPOINTS, _is_sd21_base)
     found += [n for n in wts.SPECS["base"].names if (wts.models_dir() / n).is_dir()]
     return _with_default(found, wts.SPECS["base"].names[0])
 
 
 def file_choices(key: str) -> list[str]:
-    """Files of models/osediff/ + osediff's models folder for `key` in weights/ram/dape; `none` last for the
-    tagger's two files."""
+    """Files of models/osediff/ (+ OSEDiff LoRAs of models/loras/ for `weights`) + osediff's models folder for
+    `key` in weights/ram/dape; `none` last for the tagger's two files."""
     found = list(folder_paths.get_filename_list(FOLDER_KIND))
+    if key == "weights":
+        found += _kind_files(LORAS, _is_osediff)
     found += [n for n in wts.SPECS[key].names if (wts.models_dir() / n).is_file()]
     choices = _with_default(found, _default_name(key))
     return choices + [NONE] if key in ("ram", "dape") else choices
+
+
+def _kind_files(kind: str, accept) -> list[str]:
+    """The ComfyUI names of the files of folder kind `kind` whose full path `accept`s (none if ComfyUI does not
+    know the kind)."""
+    if kind not in folder_paths.folder_names_and_paths:
+        return []
+    found = []
+    for name in folder_paths.get_filename_list(kind):
+        path = folder_paths.get_full_path(kind, name)
+        if path and _checked(accept, path):
+            found.append(name)
+    return found
+
+
+def _checked(accept, path: str) -> bool:
+    st = os.stat(path)  # the lists are rebuilt on every page load: each file is judged once per version
+    return _verdict(accept, os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _verdict(accept, path: str, size: int, mtime_ns: int) -> bool:
+    return accept(path)
+
+
+def _is_sd21_base(path: str) -> bool:
+    return Path(path).suffix.lower() in SUFFIXES and looks_like_sd21_base(path)
+
+
+def _is_osediff(path: str) -> bool:
+    if Path(path).suffix.lower() not in EXTENSIONS:
+        return False
+    try:
+        check_osediff(path)
+        return True
+    except Exception as e:  # noqa: BLE001 — any file may sit in models/loras; one that is not ours is left out
+        log.debug("%s is not OSEDiff weights: %s", path, e)
+        return False
 
 
 def _default_name(key: str) -> str:
@@ -93,8 +141,12 @@ def locate(key: str, name: str) -> str | None:
     candidates = []
     if key == "base":
         candidates += [os.path.join(r, name) for r in folder_paths.get_folder_paths("diffusers")]
+        if Path(name).suffix.lower() in SUFFIXES:
+            candidates.append(_full_path(CHECKPOINTS, name))
     else:
         candidates.append(folder_paths.get_full_path(FOLDER_KIND, name))
+        if key == "weights":
+            candidates.append(_full_path(LORAS, name))
     candidates.append(str(wts.models_dir() / name))
     for c in candidates:
         if c and os.path.exists(c):
@@ -106,6 +158,12 @@ def locate(key: str, name: str) -> str | None:
     raise wts.MissingWeightsError(
         wts.missing_message(key) + f"\n  In ComfyUI you can also put it in {comfy_folder(key)}"
         f"{'/' if key == 'base' else ''} and pick it in the OSEDiffLoader node.")
+
+
+def _full_path(kind: str, name: str) -> str | None:
+    if kind not in folder_paths.folder_names_and_paths:
+        return None
+    return folder_paths.get_full_path(kind, name)
 
 
 # --- the pipeline, loaded once --------------------------------------------------------------------------------

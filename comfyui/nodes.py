@@ -34,8 +34,10 @@ class OSEDiffLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "base": (models.base_choices(), {"tooltip": "SD 2.1-base diffusers folder (models/diffusers/)"}),
-            "weights": (models.file_choices("weights"), {"tooltip": "OSEDiff LoRA: osediff.pkl (models/osediff/)"}),
+            "base": (models.base_choices(), {"tooltip": "SD 2.1-base: a diffusers folder (models/diffusers/) or "
+                                                        "one file (models/checkpoints/)"}),
+            "weights": (models.file_choices("weights"), {"tooltip": "OSEDiff LoRA: osediff.pkl (models/osediff/ or "
+                                                                   "models/loras/)"}),
             "ram": (models.file_choices("ram"), {"tooltip": "RAM Swin-L tagger, or none (no tags)"}),
             "dape": (models.file_choices("dape"), {"tooltip": "DAPE LoRA of the tagger, or none (no tags)"}),
             "dtype": (list(DTYPES), {"default": "auto",

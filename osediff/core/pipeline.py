@@ -84,6 +84,17 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def match_reference_matmuls(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Switch TF32 matmuls and cuDNN convolutions on for an fp32 run on CUDA, as the reference runs (a side
+    effect of its imports, spec §1.11); process-wide, as there. Returns whether it did (False elsewhere: the CPU,
+    MPS, half precision). Called where the model is built, and by front-ends that move it to CUDA later."""
+    if torch.device(device).type != "cuda" or dtype != torch.float32:
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """The UNet dtype of `--dtype auto` on `device`: fp16 on CUDA/MPS (the reference's default); on the CPU bf16
     where it is native (AVX512-BF16 / AMX-BF16), else fp32."""
@@ -141,10 +152,7 @@ class OSEDiffPipeline:
             log.info("precision %s on %s: %s", choice.name, dev, choice.reason)
             dtype = choice.name
         dt, vae_dt = resolve_dtypes(dtype, dev)
-        if dev.type == "cuda" and dt == torch.float32:
-            # the reference runs fp32 with TF32 matmuls on (a side effect of its imports, spec §1.11)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        match_reference_matmuls(dev, dt)
         base_path = obtain("base", base, offline=offline)
         weights_path = obtain("weights", weights, offline=offline, base=base_path)
         model = OSEDiffModel.from_pretrained(base_path, weights_path, device=dev, dtype=dt, merge=merge)

@@ -42,7 +42,10 @@ class Comfy:
 def _folder_paths(c: Comfy) -> types.ModuleType:
     fp = types.ModuleType("folder_paths")
     fp.models_dir = str(c.models)
-    fp.folder_names_and_paths = {"diffusers": ([str(c.models / "diffusers")], ["folder"])}
+    pt = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}  # ComfyUI's supported_pt_extensions
+    fp.folder_names_and_paths = {"diffusers": ([str(c.models / "diffusers")], ["folder"]),
+                                 "checkpoints": ([str(c.models / "checkpoints")], pt),
+                                 "loras": ([str(c.models / "loras")], pt)}
 
     def get_folder_paths(kind):
         return list(fp.folder_names_and_paths[kind][0])
