@@ -155,9 +155,16 @@ def locate(key: str, name: str) -> str | None:
         env = os.environ.get(wts.SPECS[key].env)
         if env and Path(env).expanduser().exists():
             return str(Path(env).expanduser())
+    where = {"base": f"{comfy_folder(key)}/ (a diffusers folder) or {_first_folder(CHECKPOINTS)} (one file)",
+             "weights": f"{comfy_folder(key)} or {_first_folder(LORAS)}"}.get(key, comfy_folder(key))
     raise wts.MissingWeightsError(
-        wts.missing_message(key) + f"\n  In ComfyUI you can also put it in {comfy_folder(key)}"
-        f"{'/' if key == 'base' else ''} and pick it in the OSEDiffLoader node.")
+        wts.missing_message(key) + f"\n  In ComfyUI you can also put it in {where} and pick it in the "
+        "OSEDiffLoader node.")
+
+
+def _first_folder(kind: str) -> str:
+    paths = folder_paths.folder_names_and_paths.get(kind, ([],))[0]
+    return paths[0] if paths else os.path.join(folder_paths.models_dir, kind)
 
 
 def _full_path(kind: str, name: str) -> str | None:

@@ -175,8 +175,10 @@ def test_missing_weights_give_the_cli_message(pack, comfy, tiny_sd, tiny_ckpt):
         _load(pack)
     assert str(e.value).startswith(missing_message("weights"))
     assert str(comfy.models / "osediff") in str(e.value)
-    with pytest.raises(MissingWeightsError, match="Stable Diffusion 2.1-base"):
+    assert str(comfy.models / "loras") in str(e.value)
+    with pytest.raises(MissingWeightsError, match="Stable Diffusion 2.1-base") as e:
         _load(pack, base="stable-diffusion-2-1-base")
+    assert str(comfy.models / "checkpoints") in str(e.value) and str(comfy.models / "diffusers") in str(e.value)
     (comfy.models / "osediff").mkdir()
     (comfy.models / "osediff" / "osediff.pkl").symlink_to(tiny_ckpt)
     with pytest.raises(MissingWeightsError, match="RAM Swin-L"):
