@@ -39,6 +39,11 @@ class OSEDiffLoader:
             "dape": (models.file_choices("dape"), {"tooltip": "DAPE LoRA of the tagger, or none (no tags)"}),
             "dtype": (list(DTYPES), {"default": "auto",
                                      "tooltip": "auto: fp16 on GPUs, fp32 on the CPU (the pipeline's default)"}),
+        }, "optional": {
+            "max_memory": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.5,
+                                     "tooltip": "GiB a run may use (GPU memory, or RAM on the CPU); beyond it tile "
+                                                "states spill to the temp folder, same output bit for bit. "
+                                                "0: automatic from the free memory (osediff sr --max-memory)"}),
         }}
 
     RETURN_TYPES = (MODEL_TYPE,)
@@ -47,11 +52,12 @@ class OSEDiffLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads OSEDiff (one-step diffusion super-resolution) once; reused across prompts."
 
-    def load(self, base: str, weights: str, ram: str, dape: str, dtype: str = "auto"):
+    def load(self, base: str, weights: str, ram: str, dape: str, dtype: str = "auto", max_memory: float = 0.0):
         import comfy.model_management as mm
 
         device = str(mm.get_torch_device())
-        return (models.load_pipeline(base, weights, ram, dape, DTYPES[dtype], device),)
+        pipe = models.load_pipeline(base, weights, ram, dape, DTYPES[dtype], device)
+        return (pipe.with_options(max_memory=max_memory) if max_memory > 0 else pipe,)
 
 
 class OSEDiffUpscale:
