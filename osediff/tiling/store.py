@@ -169,10 +169,11 @@ class TileStore:
         """Spill resident states (latest parked first) while `pressure()` says the run is over its limit."""
         if self.pressure is None or self.spill is None:
             return
-        while self._resident and self.pressure() > 0:
-            tid, tile = next(reversed(self._resident.items()))
-            if tile is keep:
+        while self.pressure() > 0:
+            tid = next((k for k in reversed(self._resident) if self._resident[k] is not keep), None)
+            if tid is None:
                 break
+            tile = self._resident[tid]
             i, size = self._where[tid]
             self.tiers[i].used -= size
             del self._resident[tid]

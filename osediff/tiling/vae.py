@@ -23,7 +23,9 @@ current activation plus a residual, about 1.1× the untiled ones) exist at once.
 stay on the compute device, and the saving is the per-layer working memory (a 4096² fp16 decode: 14 GiB
 peak vs 38 GiB untiled on an H200). With `offload="cpu"` the device holds one tile batch, the global K/V
 of the mid-block and the output tiles in flight (3.3 GiB for the same decode), at the cost of moving
-every state across PCIe at every sync point (19.5 s instead of 2.6 s).
+every state across PCIe at every sync point (19.5 s instead of 2.6 s). A `TileStore` (`osediff.tiling.store`)
+generalises `offload`: states wait on the device, in host memory or in spill files, within quotas, for runs
+kept within a memory limit (`osediff.core.memory`); the result is the same bit for bit wherever they wait.
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ def _tiled_cost(part: nn.Module, tiles: list[Tile], per_px: int) -> VaeCost:
 
 def _widest(part: nn.Module, up: bool) -> int:
     """max over levels of channels × (area of that level / area of the input): the largest activation per
-    input px (SD-2.1 decoder: 256 channels at 8× → 16384; encoder: 128 channels at 1× → 128... up to 256/4)."""
+    input px (SD-2.1: decoder 256 channels at 64× the latent's area = 16384; encoder 128 channels at 1×)."""
     area, best = 1.0, _base(part.conv_in).out_channels
     for block in part.up_blocks if up else part.down_blocks:
         for r in block.resnets:

@@ -58,6 +58,7 @@ def _budgets(pipe, x, fractions=(0.02, 0.5)):
     return [(base + f * max(enc.states, dec.states)) / GIB for f in fractions]
 
 
+@pytest.mark.slow  # ~1-2 minutes on a busy 2-core machine
 def test_the_output_is_bit_identical_under_any_limit(tiny_pipe, spilled, tmp_path):
     x = _x()
     free = tiny_pipe.with_options(**TILED, max_memory=0)(x)  # no limit: the in-memory path
@@ -146,6 +147,7 @@ def test_spilled_tensors_come_back_with_their_bytes_and_strides(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_the_cli_writes_the_same_file_under_a_small_limit(tmp_path, sr_args, spilled, tiny_pipe):
     src = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 64, 3), dtype=np.uint8)).save(src)
@@ -157,3 +159,23 @@ def test_the_cli_writes_the_same_file_under_a_small_limit(tmp_path, sr_args, spi
     assert spilled["bytes"] > 0
     assert (tmp_path / "small/in.png").read_bytes() == (tmp_path / "free/in.png").read_bytes()
     assert not Path(tmp_path / "small/.osediff-spill").exists()
+
+
+def test_the_guard_spills_resident_states_when_the_process_grows(tmp_path):
+    class T:  # what the store needs of a lockstep tile: its state tensors
+        def __init__(self, seed):
+            self.h = torch.randn(4, 6, generator=torch.Generator().manual_seed(seed))
+            self.skip = self.h if seed % 2 else torch.randn(4, 6)
+
+    tiles = [T(i) for i in range(3)]
+    want = [(t.h.clone(), t.skip.clone()) for t in tiles]
+    s = store.TileStore("cpu", [store.Tier(None, float("inf"))], store.SpillFolder(tmp_path / "s"))
+    for t in tiles:
+        s.park(t)
+    s.pressure = lambda: s.tiers[0].used - 200  # over the limit while more than ~one state is in memory
+    s.fetch(tiles[0])  # spills the others (latest parked first), never the tile about to run
+    assert tiles[0].h is not None and tiles[1].h is None and tiles[2].h is None
+    for t, (h, skip) in zip(tiles, want):
+        s.fetch(t)
+        assert torch.equal(t.h, h) and torch.equal(t.skip, skip) and (t.skip is t.h) == (t is tiles[1])
+    s.spill.close()
