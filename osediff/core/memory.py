@@ -185,9 +185,10 @@ class MemorySession:
                 f"{self.spill.parent}, but that disk has {free / 1e9:.1f} GB free; give --spill-dir on a "
                 f"disk with room, or a larger --max-memory")
 
-    def vae_store(self, what: str, cost, idle: list[nn.Module], ) -> TileStore | None:
+    def vae_store(self, what: str, cost, idle: list[nn.Module], retile=None) -> TileStore | None:
         """Prepare a VAE stage (`what`: "encoder" / "decoder") of `cost` (`VaeCost`): park `idle` weights if
-        needed, check the limit, and return the store its tile states use (None when untiled)."""
+        needed, check the limit, and return the store its tile states use (None when untiled). `retile(tile)`
+        (optional) gives the stage's `VaeCost` with another tile size, to suggest one that fits."""
         if self.budget.limit is None:
             return None
         work = int(RESERVE * cost.peak)
@@ -196,11 +197,13 @@ class MemorySession:
             self.park(idle)
             room = self.budget.limit - in_use(self.device)
         if work > room:
+            fits = _largest_tile(retile, room) if retile is not None else None
             raise MemoryBudgetError(
                 f"--max-memory {self.budget} is too small: one tile batch of the VAE {what} needs about "
                 f"{_size(work)} beside the {_size(self.budget.limit - room)} in use (the weights it needs, the "
                 f"images); give at least {_size(self.budget.limit - room + work)}, or a smaller "
-                f"--vae-{what}-tile / --tile-batch 1")
+                + (f"--vae-{what}-tile (about {fits} fits; " if fits else f"--vae-{what}-tile (") +
+                "other tiles round differently, so compare outputs made with the same tiles)")
         if not cost.tiled:
             return None
         quota = room - work
@@ -243,6 +246,14 @@ class MemorySession:
             for t, saved in entry.tensors:
                 t.data = self.spill.read(saved, self.device) if isinstance(saved, SpilledTensor) else (
                     saved.to(self.device))
+
+
+def _largest_tile(retile, room: int) -> int | None:
+    """The largest tile size (a multiple of 8) whose tile batch fits in `room` bytes, or None."""
+    for tile in range(2048, 7, -8):
+        if RESERVE * retile(tile).peak <= room:
+            return tile
+    return None
 
 
 def _size(b: float) -> str:
