@@ -158,9 +158,9 @@ class MemorySession:
 
     def __init__(self, budget: Budget, device: torch.device | str, spill_dir: str | os.PathLike | None = None):
         self.budget, self.device = budget, torch.device(device)
-        self.spill = SpillFolder(spill_dir or default_spill_dir(), on_first=self._spilling)
+        self.spill = SpillFolder(spill_dir or default_spill_dir())
         self._parked: list[_Parked] = []
-        self._why = ""
+        self._told = False  # the first "spilling" line of a run is a warning, later ones are info
 
     def __enter__(self) -> MemorySession:
         return self
@@ -207,17 +207,20 @@ class MemorySession:
         if not cost.tiled:
             return None
         quota = room - work
-        self._why = (f"the VAE {what}'s tile states (up to {cost.states / 1e9:.1f} GB) exceed the "
-                     f"{max(quota, 0) / GIB:.1f} GiB left of --max-memory {self.budget.limit / GIB:.1f} GiB")
+        why = (f"the VAE {what}'s tile states (up to {cost.states / 1e9:.1f} GB) exceed the "
+               f"{_size(max(quota, 0))} left of --max-memory {_size(self.budget.limit)} beside one tile batch")
         tiers = [Tier(None, quota)]
         if self.device.type == "cuda":  # then host memory, as far as it is free
             tiers.append(Tier("cpu", AUTO_FRACTION * (available_bytes() or 0)))
         self.check_disk(cost.states - quota)
         return TileStore(self.device, tiers, self.spill, pressure=lambda: in_use(self.device) + work - self.budget.limit,
-                         out_device="cpu" if self.device.type == "cuda" else None)
+                         out_device="cpu" if self.device.type == "cuda" else None,
+                         on_spill=lambda: self._say(why, cost.states - max(quota, 0)))
 
-    def _spilling(self, folder: Path) -> None:
-        log.warning("%s: spilling to %s (removed afterwards)", self._why or "memory limit reached", folder)
+    def _say(self, why: str, amount: int) -> None:
+        log.log(logging.INFO if self._told else logging.WARNING, "%s: spilling up to %.1f GB of them to %s "
+                "(removed afterwards)", why, amount / 1e9, self.spill.parent)
+        self._told = True
 
     # --- weights --------------------------------------------------------------------------------------------
     def park(self, modules: list[nn.Module | None]) -> None:
@@ -231,7 +234,8 @@ class MemorySession:
                 entry = _Parked(m, [(t, t.data.to("cpu")) for t in tensors])
             else:
                 self.check_disk(size)
-                self._why = f"the idle weights ({size / 1e9:.1f} GB) do not fit beside this stage"
+                log.info("parking the %s weights (%.2f GB) in %s while the VAE runs", type(m).__name__, size / 1e9,
+                         self.spill.parent)
                 entry = _Parked(m, [(t, self.spill.write(t.data)) for t in tensors])
             for t in tensors:
                 t.data = torch.empty(0, dtype=t.dtype, device=t.device)

@@ -40,13 +40,10 @@ class SpilledTensor:
 
 class SpillFolder:
     """A private folder of spilled tensors under `parent`, made on first use, removed by `close`.
-
-    `on_first(path)` is called once, when the first tensor is written (for the one "spilling starts" log line).
     `written` counts the bytes written (the spill volume of a run)."""
 
-    def __init__(self, parent: str | os.PathLike, on_first: Callable[[Path], None] | None = None):
+    def __init__(self, parent: str | os.PathLike):
         self.parent = Path(parent)
-        self.on_first = on_first
         self.folder: Path | None = None
         self._made_parent = False
         self._count = 0
@@ -57,8 +54,6 @@ class SpillFolder:
             self._made_parent = not self.parent.exists()
             self.parent.mkdir(parents=True, exist_ok=True)
             self.folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.parent))
-            if self.on_first is not None:
-                self.on_first(self.parent)
         return self.folder
 
     def write(self, t: torch.Tensor) -> SpilledTensor:
@@ -118,6 +113,7 @@ class TileStore:
     spill: SpillFolder | None = None
     pressure: Callable[[], int] | None = None
     out_device: torch.device | str | None = None  # where the stitched result is assembled (None: compute device)
+    on_spill: Callable[[], None] | None = None  # called before the first state goes to disk (a log line)
     _where: dict = field(default_factory=dict)  # id(tile) -> (tier index, bytes) or ("disk", files)
     _resident: dict = field(default_factory=dict)  # id(tile) -> tile, for tiles parked in a tier
 
@@ -159,6 +155,9 @@ class TileStore:
     def _to_disk(self, t) -> None:
         if self.spill is None:
             raise RuntimeError("tile states exceed the memory quota and no spill folder was given")
+        if self.on_spill is not None:
+            self.on_spill()
+            self.on_spill = None
         same = t.skip is t.h
         h = None if t.h is None else self.spill.write(t.h)
         skip = None if same or t.skip is None else self.spill.write(t.skip)

@@ -179,3 +179,12 @@ def test_the_guard_spills_resident_states_when_the_process_grows(tmp_path):
         s.fetch(t)
         assert torch.equal(t.h, h) and torch.equal(t.skip, skip) and (t.skip is t.h) == (t is tiles[1])
     s.spill.close()
+
+
+def test_one_warning_says_when_and_where_spilling_starts(tiny_pipe, spilled, tmp_path, caplog):
+    x = _x(4)
+    with caplog.at_level("INFO", logger="osediff.core.memory"):
+        tiny_pipe.with_options(**TILED, max_memory=_budgets(tiny_pipe, x)[0], spill_dir=str(tmp_path / "s"))(x)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "tile states (up to" in warnings[0] and str(tmp_path / "s") in warnings[0]
+    assert any("spilled" in r.getMessage() and "GB to disk" in r.getMessage() for r in caplog.records)
