@@ -188,3 +188,16 @@ def test_one_warning_says_when_and_where_spilling_starts(tiny_pipe, spilled, tmp
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "tile states (up to" in warnings[0] and str(tmp_path / "s") in warnings[0]
     assert any("spilled" in r.getMessage() and "GB to disk" in r.getMessage() for r in caplog.records)
+
+
+def test_dry_run_says_which_limit_and_why(tmp_path, capsys, monkeypatch):
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    assert main(["sr", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--dry-run", "--max-memory", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "# max memory: 3.00 GiB (--max-memory 3)" in out and str(tmp_path / "o" / ".osediff-spill") in out
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10 * GIB)
+    monkeypatch.setattr(memory, "rss_bytes", lambda: GIB)
+    assert main(["sr", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--dry-run", "--device", "cpu"]) == 0
+    assert "# max memory: 10.00 GiB (auto: 90% of the 10.0 GiB of memory available now + 1.0 GiB held" in (
+        capsys.readouterr().out)
+    assert not (tmp_path / "o").exists()
