@@ -185,10 +185,12 @@ class MemorySession:
                 f"{self.spill.parent}, but that disk has {free / 1e9:.1f} GB free; give --spill-dir on a "
                 f"disk with room, or a larger --max-memory")
 
-    def vae_store(self, what: str, cost, idle: list[nn.Module], retile=None) -> TileStore | None:
+    def vae_store(self, what: str, cost, idle: list[nn.Module], retile=None,
+                  offload: str | None = None) -> TileStore | None:
         """Prepare a VAE stage (`what`: "encoder" / "decoder") of `cost` (`VaeCost`): park `idle` weights if
         needed, check the limit, and return the store its tile states use (None when untiled). `retile(tile)`
-        (optional) gives the stage's `VaeCost` with another tile size, to suggest one that fits."""
+        (optional) gives the stage's `VaeCost` with another tile size, to suggest one that fits. `offload`
+        ("cpu", --vae-offload): states wait there first, never on the compute device."""
         if self.budget.limit is None:
             return None
         work = int(RESERVE * cost.peak)
@@ -209,10 +211,11 @@ class MemorySession:
         quota = room - work
         why = (f"the VAE {what}'s tile states (up to {cost.states / 1e9:.1f} GB) exceed the "
                f"{_size(max(quota, 0))} left of --max-memory {_size(self.budget.limit)} beside one tile batch")
-        tiers = [Tier(None, quota)]
-        if self.device.type == "cuda":  # then host memory, as far as it is free
-            tiers.append(Tier("cpu", AUTO_FRACTION * (available_bytes() or 0)))
-        self.check_disk(cost.states - quota)
+        # --vae-offload: no state waits on the device; on a GPU host memory comes next, as far as it is free
+        tiers = [Tier(None, quota)] if offload is None else []
+        if self.device.type == "cuda" or offload is not None:
+            tiers.append(Tier(offload or "cpu", AUTO_FRACTION * (available_bytes() or 0)))
+        self.check_disk(cost.states - sum(t.quota for t in tiers))
         return TileStore(self.device, tiers, self.spill, pressure=lambda: in_use(self.device) + work - self.budget.limit,
                          out_device="cpu" if self.device.type == "cuda" else None,
                          on_spill=lambda: self._say(why, cost.states - max(quota, 0)))

@@ -326,7 +326,7 @@ class OSEDiffModel(nn.Module):
         report("encode", 0, enc.steps)
         store = memory.vae_store("encoder", enc, idle, lambda t: encode_cost(
             self.vae, tuple(x.shape), tile=t, tile_batch=tile_batch, element_size=self.vae.dtype.itemsize),
-        ) if memory is not None else None
+            vae_offload) if memory is not None else None
         z = self.encode(x, sample=sample, generator=generator, tile=vae_encoder_tile, tile_batch=tile_batch,
                         offload=store or vae_offload, on_step=lambda done: report("encode", done, enc.steps))
         if memory is not None:
@@ -340,7 +340,7 @@ class OSEDiffModel(nn.Module):
         report("decode", 0, dec_cost.steps)
         store = memory.vae_store("decoder", dec_cost, idle, lambda t: decode_cost(
             self.vae, tuple(z0.shape), tile=t, tile_batch=tile_batch, element_size=self._decoder_dtype.itemsize),
-        ) if memory is not None else None
+            vae_offload) if memory is not None else None
         dec = dict(tile=vae_decoder_tile, tile_batch=tile_batch, offload=store or vae_offload)
         y = self._decode(z0, **dec, on_step=lambda done: report("decode", done, dec_cost.steps))
         if self.check_finite and (self.dtype, self._decoder_dtype) != (torch.float32, torch.float32):
