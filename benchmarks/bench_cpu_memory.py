@@ -105,15 +105,16 @@ def main() -> None:
         for dtype in a.dtypes.split(","):
             first = None
             for mm in a.max_memory.split(","):
-                walls, peaks, picked, spills = [], [], dtype, []
+                walls, peaks, picked, spills, io_s = [], [], dtype, [], []
                 flags = extra + (["--max-memory", mm] if mm else [])
                 for _ in range(a.runs):
                     out = Path(tempfile.mkdtemp())
                     wall, peak, err = run_sr(base, ckpt, inputs, dtype, flags, out)
                     walls.append(wall)
                     peaks.append(peak)
-                    spills.append(sum(float(ln.split("spilled ", 1)[1].split(" GB")[0]) for ln in err.splitlines()
-                                      if "spilled " in ln and " GB to disk" in ln))
+                    lines = [ln for ln in err.splitlines() if "spilled " in ln and " GB to disk" in ln]
+                    spills.append(sum(float(ln.split("spilled ", 1)[1].split(" GB")[0]) for ln in lines))
+                    io_s.append(sum(float(ln.split("; ", 1)[1].split(" s ")[0]) for ln in lines if "; " in ln))
                     picked = next((ln.split("precision ", 1)[1].split(" ")[0] for ln in err.splitlines()
                                    if "precision " in ln), dtype)
                 pngs = sorted(out.glob("*.png"))
@@ -121,7 +122,7 @@ def main() -> None:
                 first = first or pngs
                 r = dict(device="cpu", gpu=None, dtype=dtype, picked=picked, size=size, batch=1, images=a.images,
                          compile=False, median_s=statistics.median(walls), times=walls, peak_gib=max(peaks),
-                         max_memory=mm or "auto", spilled_gb=max(spills), same_png_as_first=same,
+                         max_memory=mm or "auto", spilled_gb=max(spills), spill_io_s=max(io_s), same_png_as_first=same,
                          s_per_mp=statistics.median(walls) / a.images / (size * size / 1e6),
                          tiny=a.tiny, what="osediff sr, whole process incl. load, --no-dape", label=a.label,
                          torch=torch.__version__, **info)

@@ -171,7 +171,8 @@ class MemorySession:
         finally:
             self.spill.close()
             if self.spill.written:
-                log.info("spilled %.2f GB to disk in this run (weights and tile states)", self.spill.written / 1e9)
+                log.info("spilled %.2f GB to disk in this run (weights and tile states; %.1f s writing and "
+                         "reading)", self.spill.written / 1e9, self.spill.seconds)
 
     # --- planning -------------------------------------------------------------------------------------------
     def check_disk(self, need: int) -> None:

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class SpillFolder:
         self._made_parent = False
         self._count = 0
         self.written = 0
+        self.seconds = 0.0  # spent writing and reading (the cost of spilling, beside the compute)
 
     def _dir(self) -> Path:
         if self.folder is None:
@@ -58,16 +60,19 @@ class SpillFolder:
 
     def write(self, t: torch.Tensor) -> SpilledTensor:
         """Write t's elements (row-major) to a new file; t itself is left as it is."""
+        t0 = time.perf_counter()
         path = self._dir() / f"{self._count}.bin"
         self._count += 1
         flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         with open(path, "wb") as f:
             f.write(memoryview(flat.numpy()))
         self.written += flat.numel()
+        self.seconds += time.perf_counter() - t0
         return SpilledTensor(path, tuple(t.shape), tuple(t.stride()), t.dtype)
 
     def read(self, s: SpilledTensor, device: torch.device | str) -> torch.Tensor:
         """The tensor written as `s`, on `device`, with its original strides; the file is deleted."""
+        t0 = time.perf_counter()
         out = torch.empty(s.shape, dtype=s.dtype)
         with open(s.path, "rb") as f:
             got = f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
@@ -76,6 +81,7 @@ class SpillFolder:
         s.path.unlink()
         if out.stride() != s.stride:  # e.g. channels-last: other strides select other kernels (other rounding)
             out = torch.empty_strided(s.shape, s.stride, dtype=s.dtype).copy_(out)
+        self.seconds += time.perf_counter() - t0
         return out.to(device)
 
     def close(self) -> None:
