@@ -218,7 +218,6 @@ class MemorySession:
             tiers.append(Tier(offload or "cpu", AUTO_FRACTION * (available_bytes() or 0)))
         self.check_disk(cost.states - sum(t.quota for t in tiers))
         return TileStore(self.device, tiers, self.spill, pressure=lambda: in_use(self.device) + work - self.budget.limit,
-                         out_device="cpu" if self.device.type == "cuda" else None,
                          on_spill=lambda: self._say(why, cost.states - max(quota, 0)))
 
     def _say(self, why: str, amount: int) -> None:

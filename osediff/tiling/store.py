@@ -171,11 +171,13 @@ class TileStore:
         self._where[id(t)] = ("disk", (h, skip, same))
 
     def _relieve(self, keep) -> None:
-        """Spill resident states (latest parked first) while `pressure()` says the run is over its limit."""
+        """Spill states resident on the compute device (latest parked first) while `pressure()` says the run is
+        over its limit (states in a host tier do not count against the device)."""
         if self.pressure is None or self.spill is None:
             return
         while self.pressure() > 0:
-            tid = next((k for k in reversed(self._resident) if self._resident[k] is not keep), None)
+            tid = next((k for k in reversed(self._resident) if self._resident[k] is not keep
+                        and self.tiers[self._where[k][0]].device is None), None)
             if tid is None:
                 break
             tile = self._resident[tid]
