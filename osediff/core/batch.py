@@ -179,8 +179,9 @@ def _run_group(pipe, group: list, output_dir: Path, save_prompts: bool, files: F
                progress: bool = False) -> None:
     from osediff.files.images import write_image
 
-    with _image_bar(group[0][0].name, progress) as report:
-        outs = pipe.run_pictures([pic for _, _, pic in group], progress=report)
+    with _image_bar(group[0][0].name, progress and _takes_progress(pipe.run_pictures)) as report:
+        kw = {"progress": report} if progress and _takes_progress(pipe.run_pictures) else {}
+        outs = pipe.run_pictures([pic for _, _, pic in group], **kw)
     for (src, dst, _), (out, prompt) in zip(group, outs):
         if files.strip_metadata:
             out = replace(out, meta=None)
@@ -191,6 +192,17 @@ def _run_group(pipe, group: list, output_dir: Path, save_prompts: bool, files: F
             txt = output_dir / "txt" / f"{src.name.split('.')[0]}.txt"
             txt.parent.mkdir(parents=True, exist_ok=True)
             txt.write_text(prompt, encoding="utf-8")
+
+
+def _takes_progress(fn) -> bool:
+    """Whether a pipeline's `run_pictures` takes `progress` (stand-ins and older pipelines may not)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "progress" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 @contextmanager
