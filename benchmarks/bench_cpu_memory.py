@@ -7,6 +7,10 @@ it includes loading and merging the model; time is the process's wall clock, loa
 
     python benchmarks/bench_cpu_memory.py --dtypes bf16,fp32 --json benchmarks/results_cpu.jsonl
     python benchmarks/bench_cpu_memory.py --tiny --dtypes auto   # a smoke test of this script
+    python benchmarks/bench_cpu_memory.py --dtypes bf16 --sizes 1024,2048 --max-memory 0,4   # issue 22
+
+With `--max-memory A,B` every size runs once per value (0 = no limit, '' = auto); the table adds time per
+megapixel, the spill volume (from the run's closing log line) and whether each PNG equals the first row's.
 
 Prints a Markdown table and appends one JSON line per configuration (device, dtype, size, batch, compile,
 median_s, peak_gib, tiny, ...). Time is only comparable between rows of one run on a quiet machine.
