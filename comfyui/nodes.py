@@ -43,6 +43,11 @@ class OSEDiffLoader:
             "dtype": (list(DTYPES), {"default": "auto",
                                      "tooltip": "auto: what ComfyUI picks for its device (fp16 on most GPUs, "
                                                 "fp32 on the CPU and with --force-fp32)"}),
+        }, "optional": {
+            "max_memory": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.5,
+                                     "tooltip": "GiB a run may use (GPU memory, or RAM on the CPU); beyond it tile "
+                                                "states spill to the temp folder, same output bit for bit. "
+                                                "0: automatic from the free memory (osediff sr --max-memory)"}),
         }}
 
     RETURN_TYPES = (MODEL_TYPE,)
@@ -51,7 +56,7 @@ class OSEDiffLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads OSEDiff (one-step diffusion super-resolution) once; reused across prompts."
 
-    def load(self, base: str, weights: str, ram: str, dape: str, dtype: str = "auto"):
+    def load(self, base: str, weights: str, ram: str, dape: str, dtype: str = "auto", max_memory: float = 0.0):
         import comfy.model_management as mm
 
         if dtype == "auto":
@@ -59,7 +64,8 @@ class OSEDiffLoader:
         # built where ComfyUI keeps models it is not running (RAM, unless --highvram); the upscaler loads it
         pipe = models.load_pipeline(base, weights, ram, dape, dtype, str(mm.unet_offload_device()))
         memory.patchers(pipe)  # wrapped once; ComfyUI lists them from the first upscale on
-        return (pipe,)
+        # a limit of 0 keeps the pipeline's automatic one (osediff sr --max-memory)
+        return (pipe.with_options(max_memory=max_memory) if max_memory > 0 else pipe,)
 
 
 class OSEDiffUpscale:

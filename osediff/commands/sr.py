@@ -59,6 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "tile_batch": "latent/VAE tiles per network call", "vae_encoder_tile": "VAE encoder tile (image px)",
         "vae_decoder_tile": "VAE decoder tile (latent px)",
         "vae_offload": "keep tiled-VAE state in host memory (least GPU memory for huge images; slower)",
+        "max_memory": "GiB the run may use: GPU memory on a GPU, the process's RAM on a CPU; what does not fit "
+                      "spills to --spill-dir, the output is the same bit for bit. None = auto (90%% of the free "
+                      "memory, see --dry-run), 0 = no limit",
+        "spill_dir": "folder for spilled tile states and idle weights (default OUTDIR/.osediff-spill; removed "
+                     "after the run)",
         "sample_latent": "sample the VAE posterior like the reference (default: its mean)",
         "seed": "seed for --sample-latent"})
     add_dataclass_arguments(p, FileOptions, help={
@@ -69,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    from dataclasses import replace
+    from pathlib import Path
 
     from osediff.config import dataclass_from_args, to_json
     from osediff.core.batch import ignored_line, scan_inputs, super_resolve_files
@@ -78,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         options = dataclass_from_args(SROptions, args)
         files = dataclass_from_args(FileOptions, args)
+        if options.spill_dir is None:
+            options = replace(options, spill_dir=str(Path(args.output) / ".osediff-spill"))
     except ValueError as e:
         raise SystemExit(f"osediff sr: {e}") from None
     try:
@@ -85,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             print(to_json(options))
             print(to_json(files))
             print(_precision_line(args.device, args.dtype))
+            print(_memory_line(args.device, options))
             scan = scan_inputs(args.inputs)
             for p in scan.images:
                 print(p)
@@ -114,3 +124,17 @@ def _precision_line(device: str | None, dtype: str) -> str:
     dev = torch.device(device) if device else default_device()
     choice = choose_dtype(dtype, dev)
     return f"# device {dev}, dtype {choice.name}: {choice.reason}"
+
+
+def _memory_line(device: str | None, options) -> str:
+    """`--dry-run`'s account of the memory limit a run would keep to, and why (`osediff.core.memory`)."""
+    import torch
+
+    from osediff.core.memory import choose_budget, free_disk_bytes
+    from osediff.core.pipeline import default_device
+
+    dev = torch.device(device) if device else default_device()
+    budget = choose_budget(options.max_memory, dev)
+    what = "GPU memory" if dev.type == "cuda" else "resident memory of the process"
+    return (f"# max memory: {budget} as {what}; what does not fit spills to {options.spill_dir} "
+            f"({free_disk_bytes(options.spill_dir) / 1e9:.0f} GB free there)")

@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-megapixels", type=float, default=2.0,
                    help="largest input the page accepts, in megapixels (default: %(default)s)")
     p.add_argument("--max-file-mb", type=float, default=50.0, help="upload size limit in MB (default: %(default)s)")
+    p.add_argument("--max-memory", type=float, metavar="GIB",
+                   help="GiB a job may use (GPU memory, or the process's RAM on a CPU); beyond it tile states spill "
+                        "to --spill-dir, same output bit for bit (default: auto from the free memory; 0 = no limit)")
+    p.add_argument("--spill-dir", help="folder for spilled state (default: the temporary folder)")
     p.add_argument("--examples", metavar="DIR",
                    help="example images (default: ../shared/benchmarks/realsr/LR when it exists)")
 
@@ -47,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         log.error("osediff ui needs Gradio: pip install \"osediff[ui]\"")
         return 2
+    from osediff.core.options import SROptions
     from osediff.core.pipeline import OSEDiffPipeline
     from osediff.ui.app import build_app, find_examples
     from osediff.ui.jobs import Runner
@@ -55,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     try:  # weight problems are reported here, before any server starts
         pipe = OSEDiffPipeline.from_pretrained(args.base, args.weights, device=args.device, dtype=args.dtype,
                                                ram=args.ram, dape=args.dape, use_dape=args.use_dape,
-                                               merge=args.merge, offline=args.offline or None)
+                                               merge=args.merge, offline=args.offline or None,
+                                               options=SROptions(max_memory=args.max_memory, spill_dir=args.spill_dir))
     except (MissingWeightsError, FileNotFoundError, ValueError) as e:  # missing, or broken (one line)
         log.error("%s", e)
         return 2

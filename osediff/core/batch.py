@@ -18,6 +18,7 @@ import glob
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def run_batch(pipe, paths: list[Path], output_dir: str | os.PathLike, *, ext: st
                 bar.set_postfix_str(group[0][0].name)
                 t0 = time.perf_counter()
                 try:
-                    _run_group(pipe, group, output_dir, save_prompts, files)
+                    _run_group(pipe, group, output_dir, save_prompts, files, progress)
                 except Exception as e:  # isolate the failing image, keep the run going
                     if device_lost(e):
                         raise
@@ -210,10 +211,13 @@ def run_batch(pipe, paths: list[Path], output_dir: str | os.PathLike, *, ext: st
     return result
 
 
-def _run_group(pipe, group: list, output_dir: Path, save_prompts: bool, files: FileOptions) -> None:
+def _run_group(pipe, group: list, output_dir: Path, save_prompts: bool, files: FileOptions,
+               progress: bool = False) -> None:
     from osediff.files.images import write_image
 
-    outs = pipe.run_pictures([pic for _, _, pic in group])
+    with _image_bar(group[0][0].name, progress and _takes_progress(pipe.run_pictures)) as report:
+        kw = {"progress": report} if progress and _takes_progress(pipe.run_pictures) else {}
+        outs = pipe.run_pictures([pic for _, _, pic in group], **kw)
     for (src, dst, _), (out, prompt) in zip(group, outs):
         if files.strip_metadata:
             out = replace(out, meta=None)
@@ -224,6 +228,39 @@ def _run_group(pipe, group: list, output_dir: Path, save_prompts: bool, files: F
             txt = output_dir / "txt" / f"{src.name.split('.')[0]}.txt"
             txt.parent.mkdir(parents=True, exist_ok=True)
             txt.write_text(prompt, encoding="utf-8")
+
+
+def _takes_progress(fn) -> bool:
+    """Whether a pipeline's `run_pictures` takes `progress` (stand-ins and older pipelines may not)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "progress" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+@contextmanager
+def _image_bar(name: str, enabled: bool):
+    """A second tqdm bar for the image being made: its stage, tile and pass, and the ETA of the whole image (a
+    4K image on a CPU takes tens of minutes); yields the pipeline's `progress(stage, done, total)` callback."""
+    from tqdm import tqdm
+
+    from osediff.core.model import progress_fraction
+
+    bar = tqdm(total=1.0, position=1, leave=False, disable=not enabled, dynamic_ncols=True,
+               bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+
+    def report(stage: str, done: int, total: int) -> None:
+        bar.n = progress_fraction(stage, done, total)
+        bar.set_description_str(f"{name}: {stage}" + (f" {done}/{total}" if total > 1 else ""), refresh=False)
+        bar.refresh()
+
+    try:
+        yield report
+    finally:
+        bar.close()
 
 
 def _reruns(pipe) -> int:

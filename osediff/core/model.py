@@ -21,22 +21,28 @@ from torch import nn
 
 from osediff.core import lora, schedule
 from osediff.core.checkpoint import OSEDiffWeights, load_weights
+from osediff.core.memory import MemorySession
 from osediff.tiling.latent import tiled_apply
 
 log = logging.getLogger(__name__)
 
-# `progress(stage, done, total)`: called as each stage starts ("encode", "unet" once per tile batch, "decode");
-# front-ends use it for progress bars, stage timings and cancellation (an exception raised in it aborts the run).
+# `progress(stage, done, total)`: called as each stage starts (done = 0: "tags", "encode", "unet", "decode",
+# "color_fix") and as it goes: "unet" before each tile batch (done = tiles done), the tiled VAE stages after each
+# tile batch step between sync points (done = steps done of `total`, all passes × all tile batches). Front-ends
+# use it for progress bars, stage timings and cancellation (an exception raised in it aborts the run).
 Progress = Callable[[str, int, int], None]
 
-# where a progress bar stands when each stage of one image starts; the UNet's tiles fill the span to "decode"
-STAGE_START = {"tags": 0.0, "encode": 0.08, "unet": 0.15, "decode": 0.85, "color_fix": 0.95}
+# where a progress bar stands when each stage of one image starts, by the stages' share of the FLOPs of a large
+# image (2048²: encode 32, UNet 34, decode 54 TFLOP, benchmarks/RESULTS.md); a stage's steps fill its span
+STAGE_START = {"tags": 0.0, "encode": 0.02, "unet": 0.28, "decode": 0.55, "color_fix": 0.99}
+_NEXT = {"tags": "encode", "encode": "unet", "unet": "decode", "decode": "color_fix"}
 
 
 def progress_fraction(stage: str, done: int, total: int) -> float:
     """A `Progress` report as the fraction [0, 1) of one image's work done (for front-ends' progress bars)."""
     start = STAGE_START[stage]
-    return start + (STAGE_START["decode"] - start) * done / total if stage == "unet" else start
+    end = STAGE_START[_NEXT[stage]] if stage in _NEXT else start
+    return start + (end - start) * min(done, total) / max(total, 1)
 
 # Sizes up to which the VAE runs untiled: the reference's thresholds (tile + 2·pad, spec §1.6, §1.9).
 _ENC_PAD, _DEC_PAD = 32, 11
@@ -347,20 +353,22 @@ class OSEDiffModel(nn.Module):
         _trim_heap()
 
     def encode(self, x: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
-               tile: int = 1024, tile_batch: int = 1, offload: str | None = None,
-               cast_moments: bool = True) -> torch.Tensor:
+               tile: int = 1024, tile_batch: int = 1, offload=None, cast_moments: bool = True,
+               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """x (B,3,H,W) in [-1,1], H and W multiples of 8 -> scaled latent (B,4,H/8,W/8) in the VAE's dtype.
 
         `cast_moments=False` keeps the posterior moments (and so the noise of a sample) in the dtype the encoder
         returned, as diffusers' `latent_dist` does: under autocast that is the autocast dtype, which is how the
-        reference's fp16 training samples (spec §4.5); the latent then comes out in that dtype or float32."""
+        reference's fp16 training samples (spec §4.5); the latent then comes out in that dtype or float32.
+        `offload`: a device or a `TileStore` for the tiled encoder's states (`osediff.tiling.vae`)."""
         x = x.to(self.vae.dtype)
         if max(x.shape[-2:]) <= tile + 2 * _ENC_PAD:
             moments = self.vae.quant_conv(self.vae.encoder(x))
         else:
             from osediff.tiling.vae import encode_moments
 
-            moments = encode_moments(self.vae, x, tile=tile, tile_batch=tile_batch, offload=offload)
+            moments = encode_moments(self.vae, x, tile=tile, tile_batch=tile_batch, offload=offload,
+                                     on_step=on_step)
         mean, logvar = (moments.to(self.vae.dtype) if cast_moments else moments).chunk(2, dim=1)
         z = mean
         if sample:  # the reference's `latent_dist.sample()` (spec §1.6)
@@ -394,19 +402,19 @@ class OSEDiffModel(nn.Module):
         eps = tiled_apply(checked_eps_fn if fp32_fallback else eps_fn, z, tile, overlap, tile_batch, on_tile)
         return schedule.x0_from_eps(z, eps, self.alpha_bar)
 
-    def decode(self, z0: torch.Tensor, *, tile: int = 224, tile_batch: int = 1,
-               offload: str | None = None) -> torch.Tensor:
+    def decode(self, z0: torch.Tensor, *, tile: int = 224, tile_batch: int = 1, offload=None) -> torch.Tensor:
         """Scaled clean latent (B,4,h,w) -> image (B,3,8h,8w) in [-1,1] (clamped), spec §1.9."""
         return self._decode(z0, tile=tile, tile_batch=tile_batch, offload=offload).clamp(-1, 1)
 
-    def _decode(self, z0: torch.Tensor, *, tile: int, tile_batch: int, offload: str | None) -> torch.Tensor:
+    def _decode(self, z0: torch.Tensor, *, tile: int, tile_batch: int, offload=None,
+                on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """`decode` before the clamp (where a NaN would still be visible), in the decoder's dtype."""
         z = z0.to(self._decoder_dtype) / schedule.VAE_SCALING
         if max(z.shape[-2:]) <= tile + 2 * _DEC_PAD:
             return self.vae.decoder(self.vae.post_quant_conv(z))
         from osediff.tiling.vae import decode_latents
 
-        return decode_latents(self.vae, z, tile=tile, tile_batch=tile_batch, offload=offload)
+        return decode_latents(self.vae, z, tile=tile, tile_batch=tile_batch, offload=offload, on_step=on_step)
 
     @property
     def _decoder_dtype(self) -> torch.dtype:
@@ -415,28 +423,46 @@ class OSEDiffModel(nn.Module):
     def forward(self, x: torch.Tensor, prompt_embeds: torch.Tensor, *, sample: bool = False,
                 generator: torch.Generator | None = None, tile: int = 96, tile_overlap: int = 32,
                 tile_batch: int = 1, vae_encoder_tile: int = 1024, vae_decoder_tile: int = 224,
-                vae_offload: str | None = None, progress: Progress | None = None) -> torch.Tensor:
+                vae_offload: str | None = None, progress: Progress | None = None,
+                memory: MemorySession | None = None) -> torch.Tensor:
         """x (B,3,H,W) in [-1,1] (H, W multiples of 8), prompt_embeds (B,77,D) -> SR image (B,3,H,W) in [-1,1].
 
         `vae_offload="cpu"` parks the tiled VAE's per-tile state in host memory between layers (large images on
-        small GPUs; slower). `progress` is told when each stage starts (see `Progress`)."""
+        small GPUs; slower). `memory` keeps the run within a memory limit (`osediff.core.memory`; same result
+        bit for bit). `progress` is told when each stage starts and as it goes (see `Progress`)."""
+        from osediff.tiling.vae import decode_cost, encode_cost
+
         report = progress or (lambda stage, done, total: None)
-        report("encode", 0, 1)
-        z = self.encode(x, sample=sample, generator=generator, tile=vae_encoder_tile, tile_batch=tile_batch,
-                        offload=vae_offload)
         c = prompt_embeds.to(self.dtype)
+        idle = [self.unet, self.text_encoder]  # weights the VAE stages do not need
+        enc = encode_cost(self.vae, tuple(x.shape), tile=vae_encoder_tile, tile_batch=tile_batch,
+                          element_size=self.vae.dtype.itemsize)
+        report("encode", 0, enc.steps)
+        store = memory.vae_store("encoder", enc, idle, lambda t: encode_cost(
+            self.vae, tuple(x.shape), tile=t, tile_batch=tile_batch, element_size=self.vae.dtype.itemsize),
+            vae_offload) if memory is not None else None
+        z = self.encode(x, sample=sample, generator=generator, tile=vae_encoder_tile, tile_batch=tile_batch,
+                        offload=store or vae_offload, on_step=lambda done: report("encode", done, enc.steps))
+        if memory is not None:
+            memory.restore()  # the UNet, bit for bit
         z0 = self.denoise(z, c, tile=tile, overlap=tile_overlap, tile_batch=tile_batch,
                           on_tile=lambda done, total: report("unet", done, total))
         if z0.device.type == "cpu":
             _trim_heap()  # the UNet's freed activations, before the decoder's larger ones (CPU peak RSS −0.3 GB)
-        report("decode", 0, 1)
-        dec = dict(tile=vae_decoder_tile, tile_batch=tile_batch, offload=vae_offload)
-        y = self._decode(z0, **dec)
+        dec_cost = decode_cost(self.vae, tuple(z0.shape), tile=vae_decoder_tile, tile_batch=tile_batch,
+                               element_size=self._decoder_dtype.itemsize)
+        report("decode", 0, dec_cost.steps)
+        store = memory.vae_store("decoder", dec_cost, idle, lambda t: decode_cost(
+            self.vae, tuple(z0.shape), tile=t, tile_batch=tile_batch, element_size=self._decoder_dtype.itemsize),
+            vae_offload) if memory is not None else None
+        dec = dict(tile=vae_decoder_tile, tile_batch=tile_batch, offload=store or vae_offload)
+        y = self._decode(z0, **dec, on_step=lambda done: report("decode", done, dec_cost.steps))
         if self.check_finite and (self.dtype, self._decoder_dtype) != (torch.float32, torch.float32):
-            y = self._rerun_nonfinite(z, c, z0, y, dict(tile=tile, overlap=tile_overlap, tile_batch=tile_batch), dec)
+            y = self._rerun_nonfinite(z, c, z0, y, dict(tile=tile, overlap=tile_overlap, tile_batch=tile_batch), dec,
+                                      before_unet=memory.restore if memory is not None else None)
         return y.clamp(-1, 1)
 
-    def _rerun_nonfinite(self, z, c, z0, y, unet_kw: dict, dec_kw: dict) -> torch.Tensor:
+    def _rerun_nonfinite(self, z, c, z0, y, unet_kw: dict, dec_kw: dict, before_unet=None) -> torch.Tensor:
         """fp16/bf16 safety: an image whose x̂0 (after the UNet) or decoded pixels (before the clamp) hold an inf
         or NaN is rerun with that stage in fp32 — the UNet tile by tile, so only the tiles that overflowed
         pay; the decoder for the whole image, since the exact tiled decoder shares GroupNorm statistics across
@@ -458,6 +484,8 @@ class OSEDiffModel(nn.Module):
                 log.debug("non-finite values after the %s: rerunning image %d of the batch in fp32", stage, i)
             zi0 = z0[i:i + 1]
             if not u_ok:
+                if before_unet is not None:
+                    before_unet()  # weights parked for the decoder come back first
                 zi0 = self.denoise(z[i:i + 1], c[i:i + 1], fp32_fallback=True, **unet_kw)
             yi = self._decode(zi0, **dec_kw) if not u_ok else y[i:i + 1]
             if not bool(_finite_per_image(yi).all()) and self._decoder_dtype != torch.float32:

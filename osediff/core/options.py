@@ -33,6 +33,8 @@ class SROptions:
     vae_encoder_tile: int = 1024
     vae_decoder_tile: int = 224
     vae_offload: bool = False
+    max_memory: float | None = None  # GiB: device memory (GPU) or process RSS (CPU/MPS); None = auto, 0 = no limit
+    spill_dir: str | None = None  # where tile states and idle weights spill (default: the temp folder; CLI: OUTDIR)
     sample_latent: bool = False
     seed: int | None = None
 
@@ -58,6 +60,8 @@ class SROptions:
             raise ValueError("--max-guard-megapixels must be >= 0 (0 = no cap)")
         if not 0 <= self.tile_overlap < self.tile:
             raise ValueError(f"--tile-overlap ({self.tile_overlap}) must be >= 0 and below --tile ({self.tile})")
+        if self.max_memory is not None and self.max_memory < 0:
+            raise ValueError(f"--max-memory must be >= 0 GiB (0 = no limit), got {self.max_memory}")
         if min(self.tile, self.vae_encoder_tile, self.vae_decoder_tile, self.tile_batch, self.process_size) < 1:
             raise ValueError("tile sizes, tile_batch and process_size must be positive")
 

@@ -25,6 +25,7 @@ import torch
 
 from osediff.core import precision
 from osediff.core.colorfix import color_fix
+from osediff.core.memory import MemorySession, choose_budget
 from osediff.core.model import OSEDiffModel, Progress
 from osediff.core.options import SROptions
 from osediff.core.prompts import PromptExtractor, build_prompts
@@ -313,15 +314,21 @@ class OSEDiffPipeline:
                 generator.manual_seed(o.seed)
             else:
                 generator.seed()
-        y = m(x * 2 - 1, m.encode_text(prompts), sample=o.sample_latent, generator=generator, tile=o.tile,
-              tile_overlap=o.tile_overlap, tile_batch=o.tile_batch, vae_encoder_tile=o.vae_encoder_tile,
-              vae_decoder_tile=o.vae_decoder_tile, vae_offload="cpu" if o.vae_offload else None, progress=progress)
-        report("color_fix", 0, 1)
-        y01 = y[..., :h, :w] * 0.5 + 0.5
-        if not quantize:
-            return color_fix(y01.float(), x_up, o.color_fix), prompts
-        q = to_uint8(y01).cpu()
-        if o.color_fix in ("none", "nofix"):
-            return q, prompts
-        # on the CPU in fp32, as the reference (a GPU's TF32 convolutions would change the wavelet fix)
-        return to_uint8(color_fix(q.float() / 255, x_up.cpu(), o.color_fix)), prompts
+        embeds = m.encode_text(prompts)
+        # within --max-memory: idle weights parked and tile states spilled while needed, back / removed on exit
+        with MemorySession(choose_budget(o.max_memory, m.device), m.device, o.spill_dir) as memory:
+            y = m(x * 2 - 1, embeds, sample=o.sample_latent, generator=generator, tile=o.tile,
+                  tile_overlap=o.tile_overlap, tile_batch=o.tile_batch, vae_encoder_tile=o.vae_encoder_tile,
+                  vae_decoder_tile=o.vae_decoder_tile, vae_offload="cpu" if o.vae_offload else None,
+                  progress=progress, memory=memory)
+            del x
+            report("color_fix", 0, 1)
+            y01 = y[..., :h, :w] * 0.5 + 0.5
+            if not quantize:
+                return color_fix(y01.float(), x_up, o.color_fix), prompts
+            q = to_uint8(y01).cpu()
+            del y, y01
+            if o.color_fix in ("none", "nofix"):
+                return q, prompts
+            # on the CPU in fp32, as the reference (a GPU's TF32 convolutions would change the wavelet fix)
+            return to_uint8(color_fix(q.float() / 255, x_up.cpu(), o.color_fix)), prompts

@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from osediff.tiling.store import TileStore
+
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -87,7 +89,7 @@ def spans(n: int, tile: int, align: int) -> list[tuple[int, int]]:
 @dataclass
 class Tile:
     """State of one batch of same-geometry tiles. Tensors that live across a sync point are kept here
-    (never in a program's locals) so the driver can park them on the offload device."""
+    (never in a program's locals) so the driver can park them elsewhere (`osediff.tiling.store`)."""
 
     geo: Geometry
     cores: list[tuple[int, int, int, int]]  # (y0, y1, x0, x1) per stacked tile, input px
@@ -98,16 +100,6 @@ class Tile:
     @property
     def n(self) -> int:
         return len(self.cores)
-
-    def move(self, device: torch.device | str | None) -> None:
-        if device is None:
-            return
-        # Asynchronous both ways: CUDA -> CPU lands in pinned memory, and the copy back is stream-ordered.
-        same = self.skip is self.h
-        self.h = None if self.h is None else self.h.to(device, non_blocking=True)
-        self.skip = (
-            self.h if same else (None if self.skip is None else self.skip.to(device, non_blocking=True))
-        )
 
 
 def make_tiles(shape: tuple[int, int], tile: int, align: int, halo: int, tile_batch: int, strict: bool):
@@ -147,24 +139,35 @@ TileProgram = Generator[Sync, Any, torch.Tensor]
 def run_lockstep(
     tiles: list[Tile],
     program: Callable[[Tile], TileProgram],
-    device: torch.device,
-    offload: torch.device | str | None,
+    store: TileStore,
     paste: Callable[[Tile, torch.Tensor], None],
+    on_step: Callable[[int], None] | None = None,
 ) -> None:
-    """Run one program per tile batch, all pausing at every sync point; `paste` each final result."""
+    """Run one program per tile batch, all pausing at every sync point; `paste` each final result.
+
+    Between sync points each tile's state waits in `store` (fetched before the tile runs, parked after).
+    `on_step(steps_done)` is called after each tile batch ran to its next sync point (progress reports)."""
     gens = [program(t) for t in tiles]
     shared: Any = None  # the combined parts of the last sync point, sent to every program
+    steps = 0
     while gens:
         parts, running = [], []
         for g, t in zip(gens, tiles):
-            t.move(device)
+            store.fetch(t)
             try:
                 parts.append(g.send(shared))
+                finished = False
             except StopIteration as stop:
                 paste(t, stop.value)
                 t.h = t.skip = None
+                store.drop(t)
+                finished = True
+            steps += 1
+            if on_step is not None:
+                on_step(steps)
+            if finished:
                 continue
-            t.move(offload)
+            store.park(t)
             running.append((g, t))
         if running and len(running) != len(gens):
             raise RuntimeError("tile programs fell out of step")

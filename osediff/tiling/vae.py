@@ -23,16 +23,22 @@ current activation plus a residual, about 1.1× the untiled ones) exist at once.
 stay on the compute device, and the saving is the per-layer working memory (a 4096² fp16 decode: 14 GiB
 peak vs 38 GiB untiled on an H200). With `offload="cpu"` the device holds one tile batch, the global K/V
 of the mid-block and the output tiles in flight (3.3 GiB for the same decode), at the cost of moving
-every state across PCIe at every sync point (19.5 s instead of 2.6 s).
+every state across PCIe at every sync point (19.5 s instead of 2.6 s). A `TileStore` (`osediff.tiling.store`)
+generalises `offload`: states wait on the device, in host memory or in spill files, within quotas, for runs
+kept within a memory limit (`osediff.core.memory`); the result is the same bit for bit wherever they wait.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from osediff.tiling.lockstep import Sync, Tile, TileProgram, cdiv, make_tiles, run_lockstep
+from osediff.tiling.store import TileStore, offload_store
 
 # Reference tile sizes and halos (spec §1.6.1). The halos are used only to decide *when* to tile, so that we
 # tile exactly where the reference does; our own halo comes from the architecture.
@@ -50,7 +56,8 @@ def encode_moments(
     *,
     tile: int = ENCODER_TILE,
     tile_batch: int = 1,
-    offload: torch.device | str | None = None,
+    offload: torch.device | str | TileStore | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Posterior moments `quant_conv(encoder(x))` of a diffusers `AutoencoderKL`, tiled when large.
 
@@ -59,7 +66,9 @@ def encode_moments(
     log-variance the second. Runs untiled when max(H, W) <= tile + 2·32 (where the reference does, spec
     §1.6); otherwise tiles with cores of at most `tile` image px. Either way the result equals the untiled
     encoder up to float rounding. `tile_batch` tiles run stacked; `offload` is a device on which tile states
-    wait between sync points (None keeps them on the VAE's device). As in the reference, the encoder output
+    wait between sync points (None keeps them on the VAE's device), or a `TileStore` that decides per state
+    (host memory, disk: `osediff.tiling.store`; the result is the same bit for bit). `on_step(done)` is told
+    after each tile batch step, out of `encode_cost(...).steps`. As in the reference, the encoder output
     is cast to quant_conv's dtype.
     """
     _check_4d(x, "x")
@@ -68,7 +77,7 @@ def encode_moments(
     if max(x.shape[-2:]) <= tile + 2 * ENCODER_PAD_REF:
         device, dtype = _device_dtype(vae.encoder)
         return _quant(vae, vae.encoder(x.to(device, dtype))).to(x.dtype)
-    return _encode_tiled(vae, x, tile=tile, tile_batch=tile_batch, offload=offload)
+    return _encode_tiled(vae, x, tile=tile, tile_batch=tile_batch, offload=offload, on_step=on_step)
 
 
 def decode_latents(
@@ -77,14 +86,15 @@ def decode_latents(
     *,
     tile: int = DECODER_TILE,
     tile_batch: int = 1,
-    offload: torch.device | str | None = None,
+    offload: torch.device | str | TileStore | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Image `decoder(post_quant_conv(z))` of a diffusers `AutoencoderKL`, tiled when large.
 
     z: (B, latent_channels, h, w), already divided by the scaling factor, any device. Returns (B, 3, 8h, 8w)
     in z.dtype, unclamped (about [-1, 1]). Runs untiled when max(h, w) <= tile + 2·11 (where the reference
     does, spec §1.9); otherwise tiles with cores of at most `tile` latent px. Either way the result equals
-    the untiled decoder up to float rounding. `tile_batch` and `offload` as in `encode_moments`.
+    the untiled decoder up to float rounding. `tile_batch`, `offload` and `on_step` as in `encode_moments`.
     """
     _check_4d(z, "z")
     if max(z.shape[-2:]) <= tile + 2 * DECODER_PAD_REF:
@@ -93,7 +103,7 @@ def decode_latents(
         if vae.post_quant_conv is not None:
             z_ = vae.post_quant_conv(z_)
         return vae.decoder(z_).to(z.dtype)
-    return _decode_tiled(vae, z, tile=tile, tile_batch=tile_batch, offload=offload)
+    return _decode_tiled(vae, z, tile=tile, tile_batch=tile_batch, offload=offload, on_step=on_step)
 
 
 def encoder_halo(encoder: nn.Module) -> int:
@@ -134,6 +144,62 @@ def decoder_halo(decoder: nn.Module) -> int:
     m += _reach(decoder.conv_out)
     _check_group_norm(decoder.conv_norm_out)
     return cdiv(m, 2**levels)
+
+
+@dataclass(frozen=True)
+class VaeCost:
+    """What one tiled (or untiled) VAE pass needs, from the sizes alone (for memory plans and progress bars).
+
+    steps: tile batch steps of the lockstep run (tile batches × passes; 1 untiled). peak: bytes of the
+    largest activation of one tile batch (the whole map untiled). states: bytes of all tile states at the
+    heaviest sync point, an upper estimate (current activation + residual at the widest level; 0 untiled)."""
+
+    tiled: bool
+    steps: int
+    peak: int
+    states: int
+
+
+def encode_cost(vae: nn.Module, shape: tuple[int, ...], *, tile: int = ENCODER_TILE, tile_batch: int = 1,
+                element_size: int = 2) -> VaeCost:
+    """`VaeCost` of `encode_moments` for an input of `shape` (B, 3, H, W), as it would tile it."""
+    widest = _widest(vae.encoder, up=False)
+    if max(shape[-2:]) <= tile + 2 * ENCODER_PAD_REF:
+        return VaeCost(False, 1, shape[0] * widest * shape[2] * shape[3] * element_size, 0)
+    scale = 2 ** sum(len(b.downsamplers or ()) for b in vae.encoder.down_blocks)
+    tiles = make_tiles(shape[-2:], tile, scale, encoder_halo(vae.encoder), tile_batch, False)
+    return _tiled_cost(vae.encoder, tiles, shape[0] * widest * element_size)
+
+
+def decode_cost(vae: nn.Module, shape: tuple[int, ...], *, tile: int = DECODER_TILE, tile_batch: int = 1,
+                element_size: int = 2) -> VaeCost:
+    """`VaeCost` of `decode_latents` for latents of `shape` (B, C, h, w), as it would tile them."""
+    widest = _widest(vae.decoder, up=True)
+    if max(shape[-2:]) <= tile + 2 * DECODER_PAD_REF:
+        return VaeCost(False, 1, shape[0] * widest * shape[2] * shape[3] * element_size, 0)
+    tiles = make_tiles(shape[-2:], tile, 1, decoder_halo(vae.decoder), tile_batch, False)
+    return _tiled_cost(vae.decoder, tiles, shape[0] * widest * element_size)
+
+
+def _tiled_cost(part: nn.Module, tiles: list[Tile], per_px: int) -> VaeCost:
+    """per_px: bytes per input px of one image-tile at the widest level (channels × area ratio × size)."""
+    syncs = sum(isinstance(m, nn.GroupNorm) for m in part.modules())
+    syncs += sum(a is not None for a in getattr(part.mid_block, "attentions", ()))  # the K/V gathering
+    peaks = [t.n * t.geo.axes[0].size * t.geo.axes[1].size * per_px for t in tiles]
+    return VaeCost(True, len(tiles) * (syncs + 1), max(peaks), 2 * sum(peaks))
+
+
+def _widest(part: nn.Module, up: bool) -> int:
+    """max over levels of channels × (area of that level / area of the input): the largest activation per
+    input px (SD-2.1: decoder 256 channels at 64× the latent's area = 16384; encoder 128 channels at 1×)."""
+    area, best = 1.0, _base(part.conv_in).out_channels
+    for block in part.up_blocks if up else part.down_blocks:
+        for r in block.resnets:
+            best = max(best, max(r.in_channels, r.out_channels or r.in_channels) * area)
+        for s in (block.upsamplers if up else block.downsamplers) or ():
+            area = area * 4 if up else area / 4
+            best = max(best, s.channels * area)
+    return int(best)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,7 +362,7 @@ def _decoder_program(vae: nn.Module, z: torch.Tensor, device: torch.device, dtyp
 # Tiled entry points (the public functions decide when to use them; tests call them directly)
 
 
-def _encode_tiled(vae, x, *, tile, tile_batch=1, offload=None, halo: int | None = None) -> torch.Tensor:
+def _encode_tiled(vae, x, *, tile, tile_batch=1, offload=None, halo: int | None = None, on_step=None) -> torch.Tensor:
     _check_tiling(tile, tile_batch)
     device, dtype = _device_dtype(vae.encoder)
     derived = encoder_halo(vae.encoder)
@@ -304,22 +370,24 @@ def _encode_tiled(vae, x, *, tile, tile_batch=1, offload=None, halo: int | None 
     halo, strict = (derived, True) if halo is None else (halo, False)
     tiles = make_tiles(x.shape[-2:], tile, scale, halo, tile_batch, strict)
     out_ch = _base(vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out).out_channels
+    store = offload if isinstance(offload, TileStore) else offload_store(device, offload)
     out = torch.empty(x.shape[0], out_ch, x.shape[2] // scale, x.shape[3] // scale, dtype=x.dtype,
-                      device=device if offload is None else offload)  # fmt: skip
-    run_lockstep(tiles, _encoder_program(vae, x, device, dtype), device, offload, _paster(out, 1, scale))
+                      device=store.out_device or device)  # fmt: skip
+    run_lockstep(tiles, _encoder_program(vae, x, device, dtype), store, _paster(out, 1, scale), on_step)
     return out
 
 
-def _decode_tiled(vae, z, *, tile, tile_batch=1, offload=None, halo: int | None = None) -> torch.Tensor:
+def _decode_tiled(vae, z, *, tile, tile_batch=1, offload=None, halo: int | None = None, on_step=None) -> torch.Tensor:
     _check_tiling(tile, tile_batch)
     device, dtype = _device_dtype(vae.decoder)
     derived = decoder_halo(vae.decoder)
     scale = 2 ** sum(len(b.upsamplers or ()) for b in vae.decoder.up_blocks)
     halo, strict = (derived, True) if halo is None else (halo, False)
     tiles = make_tiles(z.shape[-2:], tile, 1, halo, tile_batch, strict)
+    store = offload if isinstance(offload, TileStore) else offload_store(device, offload)
     out = torch.empty(z.shape[0], _base(vae.decoder.conv_out).out_channels, z.shape[2] * scale, z.shape[3] * scale,
-                      dtype=z.dtype, device=device if offload is None else offload)  # fmt: skip
-    run_lockstep(tiles, _decoder_program(vae, z, device, dtype), device, offload, _paster(out, scale, 1))
+                      dtype=z.dtype, device=store.out_device or device)  # fmt: skip
+    run_lockstep(tiles, _decoder_program(vae, z, device, dtype), store, _paster(out, scale, 1), on_step)
     return out
 
 
@@ -405,4 +473,4 @@ def _check_4d(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(x.shape)}")
 
 
-__all__ = ["decode_latents", "decoder_halo", "encode_moments", "encoder_halo"]
+__all__ = ["VaeCost", "decode_cost", "decode_latents", "decoder_halo", "encode_cost", "encode_moments", "encoder_halo"]

@@ -159,11 +159,13 @@ class Runner:
             def stage(name: str, done: int, total: int) -> None:
                 if self._cancel.is_set():
                     raise Cancelled
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)  # so the stage times are the device's, not the launches'
-                if name != "unet" or done == 0:
+                if done == 0:  # a stage starts (the UNet and the tiled VAE also report each tile step)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # so the stage times are the device's, not the launches'
                     times.append((name, time.perf_counter()))
-                say(0.0 if name == "read" else progress_fraction(name, done, total), STAGE_LABEL[name] + (f" tile {done + 1}/{total}" if name == "unet" and total > 1 else ""))
+                say(0.0 if name == "read" else progress_fraction(name, done, total), STAGE_LABEL[name] + (
+                    f" tile {done + 1}/{total}" if name == "unet" and total > 1 else
+                    f" step {done}/{total}" if done else ""))
 
             tags = TagRecorder(self.pipe.extractor if options.tags is None else FixedTags(options.tags))
             pipe = OSEDiffPipeline(self.pipe.model, tags, self.pipe.options).with_options(

@@ -205,6 +205,11 @@ def test_none_tagger_and_half_a_tagger(pack, installed, monkeypatch):
     assert seen["device"] == "cpu"  # the offload device
 
 
+def test_the_loaders_max_memory_reaches_the_pipeline(pack, installed):
+    assert _load(pack).options.max_memory is None  # 0 on the node: automatic
+    assert _load(pack, max_memory=2.5).options.max_memory == 2.5
+
+
 def test_interrupted_run_stops_within_an_image_and_the_bar_follows_the_tiles(pack, installed, monkeypatch):
     model = _fast(pack)
     calls = []
