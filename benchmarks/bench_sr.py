@@ -38,8 +38,9 @@ def build_model(device: str, dtype: torch.dtype, variant: str, tiny: bool = Fals
 
     from osediff import testing
     from osediff.core import lora
+    from osediff.core.build import apply_weights
     from osediff.core.checkpoint import OSEDiffWeights
-    from osediff.core.model import OSEDiffModel, apply_weights
+    from osediff.core.model import OSEDiffModel
 
     torch.manual_seed(seed)
     unet_cfg, vae_cfg, text_cfg = ((testing.TINY_UNET, testing.TINY_VAE, testing.TINY_TEXT) if tiny else

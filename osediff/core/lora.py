@@ -1,7 +1,7 @@
 """OSEDiff's LoRA: which modules carry it (spec §2.2, §2.3) and the exact merge math (spec §3.3).
 
 Two ways to run the published weights, which compute the same function:
-- merged (default): ΔW is added into the base weights once at load (`merged_weight`, applied by `osediff.core.model.merge_edits`), no peft at run time;
+- merged (default): ΔW is added into the base weights once at load (`merged_weight`, applied by `osediff.core.build.merge_edits`), no peft at run time;
 - unmerged: peft adapters named as the reference names them (`add_unet_adapters`, `add_vae_adapter`), used for
   training and to prove the merge is exact (`tests/test_lora.py`).
 The reference never sets `lora_alpha`, so peft's default α=8 applies: scaling = 8/rank (2.0 at rank 4).

@@ -268,6 +268,6 @@ def _size(b: float) -> str:
 
 
 def _trim_heap() -> None:
-    from osediff.core.model import _trim_heap as trim
+    from osediff.core.build import _trim_heap as trim
 
     trim()

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from osediff.core import lora
+from osediff.core.build import load_base
 from osediff.core.checkpoint import OSEDiffWeights
-from osediff.core.model import OSEDiffModel, load_base
+from osediff.core.model import OSEDiffModel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -112,7 +112,7 @@ def test_layer_by_layer_build_equals_merging_the_fp32_model(tiny_sd, tiny_ckpt, 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from osediff.core import model as model_mod
+    from osediff.core import build
     from osediff.core.checkpoint import load_weights
     from osediff.files import tensors
 
@@ -120,26 +120,26 @@ def test_layer_by_layer_build_equals_merging_the_fp32_model(tiny_sd, tiny_ckpt, 
     read = []
     orig = tensors.iter_tensors
     monkeypatch.setattr(tensors, "iter_tensors", lambda p, *a, **k: read.append(p) or orig(p, *a, **k))
-    unet, vae, text, _ = model_mod.load_base(str(tiny_sd), dtype, w)
+    unet, vae, text, _ = build.load_base(str(tiny_sd), dtype, w)
     assert len(read) == 3  # all three modules took the streaming path
     ref_unet = UNet2DConditionModel.from_pretrained(str(tiny_sd), subfolder="unet")
     ref_vae = AutoencoderKL.from_pretrained(str(tiny_sd), subfolder="vae")
     ref_text = CLIPTextModel.from_pretrained(str(tiny_sd), subfolder="text_encoder")
-    model_mod.apply_weights(ref_unet, ref_vae, w, merge=True)
+    build.apply_weights(ref_unet, ref_vae, w, merge=True)
     for got, ref in [(unet, ref_unet), (vae, ref_vae), (text, ref_text)]:
         ref = ref.to(dtype)
         sd, rsd = got.state_dict(), ref.state_dict()
         assert sd.keys() == rsd.keys()
         assert all(sd[k].dtype == rsd[k].dtype and torch.equal(sd[k], rsd[k]) for k in sd)
     assert text.config._attn_implementation == "eager"
-    plain = model_mod.load_base(str(tiny_sd), dtype)[0]
+    plain = build.load_base(str(tiny_sd), dtype)[0]
     assert not torch.equal(unet.conv_in.weight, plain.conv_in.weight)  # the merge changed the weights
 
 
 def test_unusual_folders_take_the_library_path_with_the_same_result(tiny_sd, tiny_ckpt, tmp_path, monkeypatch):
     import shutil
 
-    from osediff.core import model as model_mod
+    from osediff.core import build
     from osediff.core.checkpoint import load_weights
 
     w = load_weights(str(tiny_ckpt))
@@ -147,9 +147,9 @@ def test_unusual_folders_take_the_library_path_with_the_same_result(tiny_sd, tin
     shutil.copytree(tiny_sd, other)
     # a second weight file (e.g. an fp16 variant next to the fp32 one): left to diffusers' own loader
     shutil.copy(other / "unet" / "diffusion_pytorch_model.safetensors", other / "unet" / "extra.safetensors")
-    orig, streamed = model_mod._stream_into, []
-    monkeypatch.setattr(model_mod, "_stream_into", lambda m, p, *a: streamed.append(p.parent.name) or orig(m, p, *a))
-    a = model_mod.load_base(str(tiny_sd), torch.bfloat16, w)[0].state_dict()
-    b = model_mod.load_base(str(other), torch.bfloat16, w)[0].state_dict()
+    orig, streamed = build._stream_into, []
+    monkeypatch.setattr(build, "_stream_into", lambda m, p, *a: streamed.append(p.parent.name) or orig(m, p, *a))
+    a = build.load_base(str(tiny_sd), torch.bfloat16, w)[0].state_dict()
+    b = build.load_base(str(other), torch.bfloat16, w)[0].state_dict()
     assert streamed.count("unet") == 1 and streamed.count("vae") == 2  # the second UNet came from diffusers
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -55,8 +55,8 @@ def _state(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", ["fp32.safetensors", "fp16-ema.safetensors", "fp32-ema.ckpt", "fp16.ckpt",
                                   "fp32-legacy.ckpt"])
 def test_every_form_builds_the_folders_networks(files, tiny_sd, tiny_ckpt, name):
+    from osediff.core.build import load_base
     from osediff.core.checkpoint import load_weights
-    from osediff.core.model import load_base
 
     fp16 = name.startswith("fp16")
     single_file.identify(files[name])  # the full check passes
