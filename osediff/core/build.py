@@ -98,7 +98,7 @@ def _load_single_file(path: str, dtype: torch.dtype, unet_edits: dict, vae_edits
         def passes():
             for group in groups:
                 yield from iter_tensors(path, group, reuse=True, file_order=False)
-                _trim_heap()
+                trim_heap()
 
         tensors = passes()
     else:
@@ -111,7 +111,7 @@ def _load_single_file(path: str, dtype: torch.dtype, unet_edits: dict, vae_edits
     items = ((comp, ldm.text_name(name, text_names) if comp == "text_encoder" else name, t)
              for comp, name, t in ldm.convert(tensors, configs))
     _fill({"unet": (unet, unet_edits), "vae": (vae, vae_edits), "text_encoder": (text_encoder, {})}, items, dtype)
-    _trim_heap()
+    trim_heap()
     log.info("SD 2.1-base built from the single file %s", path)
     return unet.eval(), vae.eval(), text_encoder.eval(), tokenizer
 
@@ -172,7 +172,7 @@ def _load_module(base: str, sub: str, dtype: torch.dtype, edits: dict, build_emp
             with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (position ids) real
                 model = build_empty(str(folder))
             if _stream_into(model, files[0], dtype, edits):
-                _trim_heap()  # the merge's freed fp32 temporaries, before the next module comes on top
+                trim_heap()  # the merge's freed fp32 temporaries, before the next module comes on top
                 return model.eval()
         except (ImportError, ValueError) as e:  # no accelerate, an unusual file: the library path below
             log.debug("%s: streaming load not used (%s)", folder, e)
@@ -229,7 +229,7 @@ def _fill(targets: dict[str, tuple[nn.Module, dict]], items, dtype: torch.dtype)
             raise ValueError(f"{comp}: not in the file: {left[:3]}")
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere). Freed tensors below
     glibc's mmap threshold (~32 MB) stay in the process otherwise, and only small allocations can reuse them, so
     the large activations of the first image would come on top (peak RSS) instead of in their place."""

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from osediff.core.build import trim_heap
 from osediff.tiling.store import SpilledTensor, SpillFolder, Tier, TileStore, nbytes
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ class MemorySession:
             for t in tensors:
                 t.data = torch.empty(0, dtype=t.dtype, device=t.device)
             self._parked.append(entry)
-            _trim_heap()
+            trim_heap()
             log.debug("parked %s (%.2f GB)", type(m).__name__, size / 1e9)
 
     def restore(self) -> None:
@@ -266,8 +267,3 @@ def _largest_tile(retile, room: int) -> int | None:
 def _size(b: float) -> str:
     return f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"
 
-
-def _trim_heap() -> None:
-    from osediff.core.build import _trim_heap as trim
-
-    trim()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from osediff.core import schedule
-from osediff.core.build import _trim_heap, apply_weights, load_base
+from osediff.core.build import apply_weights, load_base, trim_heap
 from osediff.core.checkpoint import OSEDiffWeights, load_weights
 from osediff.core.memory import MemorySession
 from osediff.tiling.latent import tiled_apply
@@ -142,7 +142,7 @@ class OSEDiffModel(nn.Module):
         self.encode_text(keep)
         self._cache_size = max(self._cache_size, len(self._cache))
         self.text_encoder = None
-        _trim_heap()
+        trim_heap()
 
     def encode(self, x: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
                tile: int = 1024, tile_batch: int = 1, offload=None, cast_moments: bool = True,
@@ -240,7 +240,7 @@ class OSEDiffModel(nn.Module):
         z0 = self.denoise(z, c, tile=tile, overlap=tile_overlap, tile_batch=tile_batch,
                           on_tile=lambda done, total: report("unet", done, total))
         if z0.device.type == "cpu":
-            _trim_heap()  # the UNet's freed activations, before the decoder's larger ones (CPU peak RSS −0.3 GB)
+            trim_heap()  # the UNet's freed activations, before the decoder's larger ones (CPU peak RSS −0.3 GB)
         dec_cost = decode_cost(self.vae, tuple(z0.shape), tile=vae_decoder_tile, tile_batch=tile_batch,
                                element_size=self._decoder_dtype.itemsize)
         report("decode", 0, dec_cost.steps)
