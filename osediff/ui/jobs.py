@@ -201,8 +201,9 @@ class Runner:
         from osediff.files.images import is_image_file
 
         results, errors = [], []
-        ignored = [Path(p).name for p in paths if p is not None and not is_image_file(Path(p))]
-        paths = [p for p in paths if p is not None and is_image_file(Path(p))]
+        kept = [(p, is_image_file(Path(p))) for p in paths if p is not None]  # each file's head read once
+        ignored = [Path(p).name for p, picture in kept if not picture]
+        paths = [p for p, picture in kept if picture]
         say = progress or (lambda fraction, label: None)
         for i, path in enumerate(paths):
             def sub(fraction: float, label: str, i=i) -> None:
